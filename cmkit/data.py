@@ -1,0 +1,268 @@
+"""Data: load a spec, validate it, hold some out, and map it to model units and back.
+
+This is the only module that knows the user's units. Everything downstream sees model units:
+images in [-1, 1], vectors with per-dimension mean 0 and std σ_data. Nothing is downloaded:
+built-ins are scikit-learn's bundled digits or generated from a fixed seed.
+"""
+
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits, make_moons, make_swiss_roll
+
+from cmkit.errors import UserError
+
+TOY_SAMPLES = 20000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+GRAY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Two interleaved half circles, centred and doubled: x in [-3, 3], y in [-1.5, 1.5]."""
+    x, _ = make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
+    return (x - [0.5, 0.25]) * 2
+
+
+def _eight_gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
+    """FFJORD's 8 Gaussians: centres at radius 2√2, every 45°, std 0.5/√2."""
+    angles = rng.integers(8, size=n) * (np.pi / 4)
+    centres = 2 * np.sqrt(2) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return centres + rng.normal(scale=0.5 / np.sqrt(2), size=(n, 2))
+
+
+def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Uniform on the 8 dark squares of a 4x4 board covering [-2, 2]²."""
+    x = rng.uniform(-2, 2, size=n)
+    column = np.floor(x + 2)
+    row = 2 * rng.integers(2, size=n) + column % 2  # rows with the same parity as the column
+    return np.stack([x, row - 2 + rng.uniform(size=n)], axis=1)
+
+
+def _swissroll(n: int, rng: np.random.Generator) -> np.ndarray:
+    """scikit-learn's swiss roll projected on (x, z) and divided by 5: a spiral of radius ≲ 3."""
+    x, _ = make_swiss_roll(n, noise=0.5, random_state=int(rng.integers(2**31)))
+    return x[:, [0, 2]] / 5
+
+
+def _rings(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Four concentric circles of radius 0.75, 1.5, 2.25 and 3, Gaussian noise 0.08, shuffled."""
+    radius = 0.75 * (1 + np.arange(n) % 4)
+    angle = rng.uniform(0, 2 * np.pi, size=n)
+    points = radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    return rng.permutation(points + rng.normal(scale=0.08, size=(n, 2)))
+
+
+_TOYS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
+    "moons": _moons,
+    "8gaussians": _eight_gaussians,
+    "checkerboard": _checkerboard,
+    "swissroll": _swissroll,
+    "rings": _rings,
+}
+BUILTIN_TOYS: tuple[str, ...] = tuple(_TOYS)
+
+
+def load_data(spec: str) -> np.ndarray:
+    """Raw data in the user's units, float32, shape (N, D) or (N, C, H, W).
+
+    spec is "digits" (sklearn's 8x8 digits, 0..16), a name from BUILTIN_TOYS (20000 2-D points,
+    the same on every call), a .npy/.npz file, or a folder of .png/.jpg images (0..255).
+    """
+    if spec == "digits":
+        return load_digits().images[:, None].astype(np.float32)
+    if spec in _TOYS:
+        return _TOYS[spec](TOY_SAMPLES, np.random.default_rng(0)).astype(np.float32)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _validate(_load_image_folder(path), spec)
+    if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
+        return _validate(_load_numpy(path), spec)
+    builtins = ", ".join(("digits", *BUILTIN_TOYS))
+    raise UserError(
+        f"unknown data {spec!r}: expected a built-in ({builtins}) "
+        "or a path to an existing .npy/.npz file or a folder of images"
+    )
+
+
+def _load_numpy(path: Path) -> np.ndarray:
+    """A .npy array, or the chosen array of a .npz archive with (N, H, W) -> (N, 1, H, W)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return loaded
+        with loaded:
+            key = _npz_key(loaded.files, path)
+            x = loaded[key]
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(
+            f"cannot read {path} as a numpy array; expected a numeric array saved with "
+            "numpy.save or numpy.savez (object arrays and pickles are not accepted)"
+        ) from e
+    return x[:, None] if x.ndim == 3 else x
+
+
+def _npz_key(keys: list[str], path: Path) -> str:
+    """'x_train' if present, else the only array; ambiguous archives are an error."""
+    if "x_train" in keys:
+        return "x_train"
+    if len(keys) == 1:
+        return keys[0]
+    raise UserError(f"{path} holds arrays {keys}; expected a key 'x_train' or exactly one array")
+
+
+def _load_image_folder(folder: Path) -> np.ndarray:
+    """All images in the folder sorted by name: (N, 1, H, W) if all are grayscale, else RGB."""
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise UserError(f"folder {folder} has no images; expected .png, .jpg or .jpeg files")
+    images = [_open_image(p) for p in files]
+    for path, image in zip(files, images, strict=True):
+        if image.size != images[0].size:
+            w, h = image.size
+            raise UserError(
+                f"image {path} is {w}x{h} pixels; expected {images[0].size[0]}x"
+                f"{images[0].size[1]} like {files[0].name} (all images must have one size)"
+            )
+    if all(image.mode in GRAY_MODES for image in images):
+        return np.stack([np.asarray(im.convert("L"), dtype=np.float32) for im in images])[:, None]
+    rgb = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return rgb.transpose(0, 3, 1, 2)
+
+
+def _open_image(path: Path) -> Image.Image:
+    """The decoded image, or a UserError naming the file PIL cannot read."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image {path}; expected a valid .png or .jpg file") from e
+
+
+def _validate(x: np.ndarray, source: str) -> np.ndarray:
+    """x as float32 after checking it is numeric, (N, D) or (N, C, H, W), non-empty and finite."""
+    if x.dtype.kind not in "biuf":
+        raise UserError(f"{source}: dtype {x.dtype} is not numeric; expected integers or floats")
+    if x.ndim not in (2, 4) or 0 in x.shape:
+        raise UserError(
+            f"{source}: array has shape {x.shape}; expected (N, D) vectors or (N, C, H, W) "
+            "images with every size at least 1"
+        )
+    with np.errstate(over="ignore"):
+        x = x.astype(np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = tuple(int(i) for i in np.unravel_index(np.argmax(bad), x.shape))
+        raise UserError(
+            f"{source}: {int(bad.sum())} non-finite values (NaN or inf as float32), "
+            f"first at index {first}; expected finite numbers"
+        )
+    return x
+
+
+def split_holdout(x: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, held_out) split by a seeded permutation; fraction in [0, 1).
+
+    round(fraction·N) samples are held out; both parts keep the original order, so fraction 0
+    returns x unchanged and an empty (0, ...) held-out array.
+    """
+    if not 0 <= fraction < 1:
+        raise UserError(f"holdout fraction must be in [0, 1), got {fraction}")
+    n_held = round(fraction * len(x))
+    if n_held >= len(x):
+        raise UserError(
+            f"holding out {n_held} of {len(x)} samples leaves none to train on; "
+            "expected a smaller holdout fraction"
+        )
+    order = np.random.default_rng(seed).permutation(len(x))
+    return x[np.sort(order[n_held:])], x[np.sort(order[:n_held])]
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """Affine map between the user's units and model units: model = (raw - shift) / scale.
+
+    shift and scale hold one value per feature for (N, D) vectors, or a single value for images.
+    """
+
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.shift) != len(self.scale) or not self.shift:
+            raise UserError(
+                f"scaler has {len(self.shift)} shifts and {len(self.scale)} scales; "
+                "expected the same non-zero number of each"
+            )
+        if not all(np.isfinite(self.shift)) or not all(
+            s > 0 and np.isfinite(s) for s in self.scale
+        ):
+            raise UserError(
+                f"scaler has shift {self.shift}, scale {self.scale}; "
+                "expected finite shifts and positive finite scales"
+            )
+
+    @classmethod
+    def fit(cls, x: np.ndarray, sigma_data: float = 0.5) -> "Scaler":
+        """Images (N, C, H, W): global min/max -> [-1, 1]. Vectors (N, D): mean 0, std σ_data."""
+        if not sigma_data > 0:
+            raise UserError(f"sigma_data must be positive, got {sigma_data}")
+        if x.ndim == 4:
+            lo, hi = float(x.min()), float(x.max())
+            half_range = (hi - lo) / 2
+            return cls(shift=((hi + lo) / 2,), scale=(half_range if half_range > 0 else 1.0,))
+        if x.ndim == 2:
+            mean = x.mean(axis=0, dtype=np.float64)
+            std = x.std(axis=0, dtype=np.float64)
+            scale = np.where(std > 0, std / sigma_data, 1.0)
+            return cls(shift=tuple(map(float, mean)), scale=tuple(map(float, scale)))
+        raise UserError(f"cannot fit a scaler to shape {x.shape}; expected (N, D) or (N, C, H, W)")
+
+    def to_model(self, raw: np.ndarray) -> np.ndarray:
+        """(N, ...) raw values -> float32 model units."""
+        shift, scale = self._params(raw)
+        return ((raw.astype(np.float64) - shift) / scale).astype(np.float32)
+
+    def to_raw(self, model: np.ndarray) -> np.ndarray:
+        """(N, ...) model units -> float32 values in the user's units."""
+        shift, scale = self._params(model)
+        return (model.astype(np.float64) * scale + shift).astype(np.float32)
+
+    def _params(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """shift and scale shaped to broadcast against x, checking the feature count matches."""
+        if len(self.shift) > 1 and (x.ndim != 2 or x.shape[1] != len(self.shift)):
+            raise UserError(
+                f"array of shape {x.shape} does not fit a scaler for {len(self.shift)} "
+                f"features; expected shape (N, {len(self.shift)})"
+            )
+        return np.asarray(self.shift), np.asarray(self.scale)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form; from_dict(to_dict()) gives an equal Scaler."""
+        return {"shift": list(self.shift), "scale": list(self.scale)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scaler":
+        """Inverse of to_dict, e.g. after a JSON round trip."""
+        try:
+            shift, scale = tuple(map(float, d["shift"])), tuple(map(float, d["scale"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(
+                f"scaler record {d!r} is malformed; expected lists of numbers under 'shift' "
+                "and 'scale'"
+            ) from e
+        return cls(shift=shift, scale=scale)
+
+
+def describe(x: np.ndarray) -> str:
+    """One line such as '1797 samples of shape 1x8x8' for progress and report messages."""
+    noun = "sample" if len(x) == 1 else "samples"
+    return f"{len(x)} {noun} of shape {'x'.join(map(str, x.shape[1:]))}"

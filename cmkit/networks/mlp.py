@@ -1,0 +1,47 @@
+"""A residual MLP F(x, c_noise) for vector data such as 2-D toys."""
+
+import torch
+from torch import nn
+
+from cmkit.networks.embedding import SinusoidalEmbedding
+
+
+class ResidualBlock(nn.Module):
+    """h + Linear(SiLU(Linear(SiLU(LayerNorm(h)) + emb))): the embedding enters every block."""
+
+    def __init__(self, hidden: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.emb = nn.Linear(emb_dim, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        a = nn.functional.silu(self.fc1(self.norm(h)) + self.emb(emb))
+        return h + self.fc2(self.drop(nn.functional.silu(a)))
+
+
+class MLP(nn.Module):
+    """Residual MLP over (B, D) vectors with a sinusoidal noise embedding. Output (B, D)."""
+
+    def __init__(
+        self, dim: int, hidden: int = 256, depth: int = 4, emb_dim: int = 64, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.embed = nn.Sequential(
+            SinusoidalEmbedding(emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU()
+        )
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim, dropout) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"MLP expects input of shape (B, {self.dim}), got {tuple(x.shape)}")
+        emb = self.embed(c_noise)
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(h)

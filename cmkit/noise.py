@@ -1,0 +1,116 @@
+"""Noise levels: the Karras σ grid, the N(k)/μ(k) curricula and the index samplers.
+
+Everything here is a pure function of its arguments (Song et al. 2023, "Consistency Models";
+Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models").
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cmkit.errors import UserError
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """The Karras grid t_1 < … < t_N, ascending, float64, endpoints exactly σ_min and σ_max.
+
+    t_i = (σ_min^{1/ρ} + (i−1)/(N−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ.
+    """
+    check_grid_args(n, sigma_min, sigma_max)
+    ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    grid = (lo + ramp * (hi - lo)) ** rho
+    grid[0], grid[-1] = sigma_min, sigma_max  # exact endpoints despite the root/power round trip
+    return grid
+
+
+def check_grid_args(n: int, t_min: float, t_max: float) -> None:
+    """Reject grids that cannot exist, with a message naming the bad value."""
+    if n < 2:
+        raise UserError(f"a noise grid needs N >= 2 points, got N={n}")
+    if not (0 <= t_min < t_max):
+        raise UserError(f"need 0 <= t_min < t_max, got t_min={t_min}, t_max={t_max}")
+
+
+@dataclass(frozen=True)
+class FixedScales:
+    """A constant N and target EMA rate μ, as used for consistency distillation."""
+
+    num_scales: int
+    mu: float = 0.0
+
+    def scales(self, step: int) -> int:
+        return self.num_scales
+
+    def target_mu(self, step: int) -> float:
+        return self.mu
+
+
+@dataclass(frozen=True)
+class CTCurriculum:
+    """Original CT: N(k) = ⌈√(k/K·((s₁+1)² − s₀²) + s₀²) − 1⌉ + 1 and μ(k) = exp(s₀·ln μ₀ / N(k)).
+
+    variant="openai" divides by N(k) − 1 instead, as openai/consistency_models does
+    (μ starts at 0.81 for μ₀ = 0.9, s₀ = 2); "paper" follows the paper's Appendix C.
+    """
+
+    total_steps: int
+    s0: int = 2
+    s1: int = 150
+    mu0: float = 0.9
+    variant: str = "paper"
+
+    def scales(self, step: int) -> int:
+        frac = min(step, self.total_steps) / self.total_steps
+        inner = math.sqrt(frac * ((self.s1 + 1) ** 2 - self.s0**2) + self.s0**2)
+        return math.ceil(inner - 1) + 1
+
+    def target_mu(self, step: int) -> float:
+        n = self.scales(step)
+        denom = n - 1 if self.variant == "openai" else n
+        return math.exp(self.s0 * math.log(self.mu0) / denom)
+
+
+@dataclass(frozen=True)
+class ICTCurriculum:
+    """iCT doubling curriculum, μ = 0:
+    N(k) = min(s₀·2^⌊k/K'⌋, s₁) + 1 with K' = ⌊K/(log₂⌊s₁/s₀⌋ + 1)⌋."""
+
+    total_steps: int
+    s0: int = 10
+    s1: int = 1280
+
+    def scales(self, step: int) -> int:
+        stage = max(1, math.floor(self.total_steps / (math.log2(self.s1 // self.s0) + 1)))
+        return min(self.s0 * 2 ** (step // stage), self.s1) + 1
+
+    def target_mu(self, step: int) -> float:
+        return 0.0
+
+
+def uniform_indices(num_scales: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Pair indices n ~ U{0..N−2}: the pair is (t_n, t_{n+1}) on an ascending grid."""
+    return torch.randint(0, num_scales - 1, (batch,), generator=generator)
+
+
+def lognormal_index_probs(
+    grid: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0
+) -> torch.Tensor:
+    """iCT's discretised lognormal over pairs: p(σ_i) ∝ erf((ln σ_{i+1} − P_mean)/(√2·P_std))
+    − erf((ln σ_i − P_mean)/(√2·P_std)). grid: ascending (N,) -> probabilities (N−1,)."""
+    cdf = torch.erf((torch.log(grid.double()) - p_mean) / (math.sqrt(2.0) * p_std))
+    probs = cdf[1:] - cdf[:-1]
+    return probs / probs.sum()
+
+
+def lognormal_indices(
+    grid: torch.Tensor,
+    batch: int,
+    generator: torch.Generator,
+    p_mean: float = -1.1,
+    p_std: float = 2.0,
+) -> torch.Tensor:
+    """Pair indices drawn from the discretised lognormal (iCT)."""
+    probs = lognormal_index_probs(grid, p_mean, p_std)
+    return torch.multinomial(probs, batch, replacement=True, generator=generator)

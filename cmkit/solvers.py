@@ -1,0 +1,69 @@
+"""ODE solvers for the probability-flow ODE dx/dt = (x − D(x, t))/t, over any denoiser.
+
+A denoiser is any callable D(x, t) -> x₀ estimate: an EDM teacher, a flow teacher
+(D = x − t·v), a consistency function, or a test mock. Samplers are plain loops over an
+explicit, printable list of times (Karras et al. 2022, Algorithm 1 without churn).
+"""
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from cmkit.param import as_batch_times
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def drift(denoiser: Denoiser, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """dx/dt = (x − D(x, t))/t; t must be > 0."""
+    t = as_batch_times(t, x)
+    return (x - denoiser(x, t)) / t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def euler_step(denoiser: Denoiser, x: torch.Tensor, t, t_next) -> torch.Tensor:
+    """One Euler step from t to t_next (scalars or (B,) tensors)."""
+    dt = (as_batch_times(t_next, x) - as_batch_times(t, x)).reshape(-1, *([1] * (x.ndim - 1)))
+    return x + dt * drift(denoiser, x, t)
+
+
+def heun_step(denoiser: Denoiser, x: torch.Tensor, t, t_next) -> torch.Tensor:
+    """Heun's second-order step; falls back to Euler where t_next = 0 (the drift is undefined)."""
+    t_next = as_batch_times(t_next, x)
+    dt = (t_next - as_batch_times(t, x)).reshape(-1, *([1] * (x.ndim - 1)))
+    d = drift(denoiser, x, t)
+    x_euler = x + dt * d
+    positive = t_next > 0
+    if not positive.any():
+        return x_euler
+    safe_next = torch.where(positive, t_next, torch.ones_like(t_next))
+    d_next = drift(denoiser, x_euler, safe_next)
+    x_heun = x + dt * (d + d_next) / 2
+    return torch.where(positive.reshape(-1, *([1] * (x.ndim - 1))), x_heun, x_euler)
+
+
+SOLVER_STEPS = {"euler": euler_step, "heun": heun_step}
+
+
+def nfe(solver: str, times: torch.Tensor) -> int:
+    """Network evaluations used by `solve` over `times` (Heun: 2 per step, 1 for a step to 0)."""
+    steps = len(times) - 1
+    if solver == "euler":
+        return steps
+    return 2 * steps - int(times[-1] == 0)
+
+
+@torch.no_grad()
+def solve(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    times: torch.Tensor,
+    solver: str = "heun",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Integrate from times[0] to times[-1] (descending) with Euler or Heun steps."""
+    step = SOLVER_STEPS[solver]
+    pairs = list(zip(times[:-1].tolist(), times[1:].tolist(), strict=True))
+    for t, t_next in tqdm(pairs, disable=not progress, desc=f"{solver} sampling", leave=False):
+        x = step(denoiser, x, t, t_next)
+    return x

@@ -1,0 +1,214 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmkit.data import BUILTIN_TOYS, Scaler, describe, load_data, split_holdout
+from cmkit.errors import UserError
+
+
+def test_digits_raw_units():
+    x = load_data("digits")
+    assert x.shape == (1797, 1, 8, 8)
+    assert x.dtype == np.float32
+    assert x.min() == 0 and x.max() == 16
+    assert describe(x) == "1797 samples of shape 1x8x8"
+
+
+def test_toys_are_deterministic_distinct_and_finite():
+    toys = {name: load_data(name) for name in BUILTIN_TOYS}
+    for name, x in toys.items():
+        assert x.shape == (20000, 2) and x.dtype == np.float32, name
+        assert np.isfinite(x).all(), name
+        assert 0.3 < np.abs(x).max() < 5, name
+        np.testing.assert_array_equal(x, load_data(name))
+    names = list(toys)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not np.allclose(toys[a], toys[b]), (a, b)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 6, 6)])
+def test_npy_round_trip(tmp_path, shape):
+    x = np.random.default_rng(0).normal(size=shape)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    loaded = load_data(str(path))
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, x.astype(np.float32))
+
+
+def test_npy_int_becomes_float32(tmp_path):
+    path = tmp_path / "ints.npy"
+    np.save(path, np.arange(12, dtype=np.int64).reshape(6, 2))
+    x = load_data(str(path))
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(x, np.arange(12).reshape(6, 2))
+
+
+def test_npz_x_train_gets_channel_axis(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=images, y_train=np.arange(7), x_test=images[:2])
+    x = load_data(str(path))
+    assert x.shape == (7, 1, 28, 28) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[:, 0], images)
+
+
+def test_npz_single_array_and_ambiguous(tmp_path):
+    np.savez(tmp_path / "one.npz", points=np.ones((3, 2)))
+    assert load_data(str(tmp_path / "one.npz")).shape == (3, 2)
+    np.savez(tmp_path / "two.npz", a=np.ones((3, 2)), b=np.ones((3, 2)))
+    with pytest.raises(UserError, match="x_train"):
+        load_data(str(tmp_path / "two.npz"))
+
+
+def _write_images(folder, arrays, mode):
+    folder.mkdir()
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).convert(mode).save(folder / f"img{i}.png")
+
+
+def test_grayscale_folder(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8), dtype=np.uint8)
+    _write_images(tmp_path / "gray", pixels, "L")
+    x = load_data(str(tmp_path / "gray"))
+    assert x.shape == (3, 1, 8, 8) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[:, 0], pixels)
+
+
+def test_rgb_folder(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 5, 6, 3), dtype=np.uint8)
+    _write_images(tmp_path / "rgb", pixels, "RGB")
+    (tmp_path / "rgb" / "notes.txt").write_text("ignored")
+    x = load_data(str(tmp_path / "rgb"))
+    assert x.shape == (2, 3, 5, 6)
+    np.testing.assert_array_equal(x, pixels.transpose(0, 3, 1, 2))
+
+
+def test_mixed_size_folder_names_file(tmp_path):
+    _write_images(tmp_path / "mixed", [np.zeros((8, 8), np.uint8)] * 2, "L")
+    Image.new("L", (9, 8)).save(tmp_path / "mixed" / "odd.png")
+    with pytest.raises(UserError, match=r"odd\.png.*8x8"):
+        load_data(str(tmp_path / "mixed"))
+
+
+def test_corrupt_image_names_file(tmp_path):
+    _write_images(tmp_path / "bad", [np.zeros((8, 8), np.uint8)], "L")
+    (tmp_path / "bad" / "broken.png").write_bytes(np.random.default_rng(0).bytes(200))
+    with pytest.raises(UserError, match=r"broken\.png"):
+        load_data(str(tmp_path / "bad"))
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(UserError, match="no images"):
+        load_data(str(tmp_path))
+
+
+def test_unknown_spec_lists_builtins():
+    with pytest.raises(UserError) as info:
+        load_data("nope")
+    message = str(info.value)
+    assert "nope" in message and "digits" in message and "moons" in message
+    assert "\n" not in message
+
+
+def _npy_error(tmp_path, array) -> str:
+    path = tmp_path / "bad.npy"
+    np.save(path, array, allow_pickle=True)
+    with pytest.raises(UserError) as info:
+        load_data(str(path))
+    message = str(info.value)
+    assert "bad.npy" in message and "\n" not in message
+    return message
+
+
+def test_bad_arrays_rejected(tmp_path):
+    assert "(5,)" in _npy_error(tmp_path, np.ones(5))
+    assert "(2, 3, 4)" in _npy_error(tmp_path, np.ones((2, 3, 4)))
+    assert "(0, 2)" in _npy_error(tmp_path, np.ones((0, 2)))
+    assert "(2, 0, 4, 4)" in _npy_error(tmp_path, np.ones((2, 0, 4, 4)))
+    assert "<U1" in _npy_error(tmp_path, np.array([["a", "b"]]))
+    assert "complex" in _npy_error(tmp_path, np.ones((2, 2), dtype=complex))
+    assert "object" in _npy_error(tmp_path, np.array([[1, None]], dtype=object))
+
+
+def test_non_finite_reports_count_and_index(tmp_path):
+    x = np.ones((4, 3))
+    x[1, 2], x[3, 0] = np.nan, np.inf
+    message = _npy_error(tmp_path, x)
+    assert "non-finite" in message and "2 " in message and "(1, 2)" in message
+
+
+def test_garbage_npy(tmp_path):
+    path = tmp_path / "junk.npy"
+    path.write_bytes(b"this is not an array" * 10)
+    with pytest.raises(UserError, match=r"junk\.npy"):
+        load_data(str(path))
+
+
+def test_split_holdout():
+    x = np.arange(100, dtype=np.float32)[:, None]
+    train, held = split_holdout(x, 0.2, seed=1)
+    assert len(train) == 80 and len(held) == 20
+    both = np.concatenate([train[:, 0], held[:, 0]])
+    np.testing.assert_array_equal(np.sort(both), x[:, 0])
+    again = split_holdout(x, 0.2, seed=1)
+    np.testing.assert_array_equal(again[1], held)
+    assert not np.array_equal(split_holdout(x, 0.2, seed=2)[1], held)
+    train, held = split_holdout(x, 0.0)
+    np.testing.assert_array_equal(train, x)
+    assert held.shape == (0, 1)
+
+
+@pytest.mark.parametrize("fraction", [1.0, -0.1, float("nan")])
+def test_split_holdout_bad_fraction(fraction):
+    with pytest.raises(UserError, match="fraction"):
+        split_holdout(np.ones((10, 2)), fraction)
+
+
+def test_split_holdout_keeps_a_train_sample():
+    with pytest.raises(UserError, match="none to train"):
+        split_holdout(np.ones((2, 2)), 0.9)
+
+
+def test_scaler_images_to_unit_interval():
+    x = load_data("digits")
+    scaler = Scaler.fit(x)
+    assert scaler.shift == (8.0,) and scaler.scale == (8.0,)
+    model = scaler.to_model(x)
+    assert model.dtype == np.float32 and model.min() == -1 and model.max() == 1
+    np.testing.assert_array_equal(scaler.to_raw(model), x)
+
+
+def test_scaler_vectors_mean_zero_std_sigma():
+    x = np.random.default_rng(0).normal([3.0, -10.0, 0.0], [0.1, 5.0, 2.0], size=(5000, 3))
+    x = x.astype(np.float32)
+    scaler = Scaler.fit(x, sigma_data=0.5)
+    assert len(scaler.shift) == len(scaler.scale) == 3
+    model = scaler.to_model(x)
+    np.testing.assert_allclose(model.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(model.std(axis=0), 0.5, rtol=1e-5)
+    np.testing.assert_allclose(scaler.to_raw(model), x, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="3 features"):
+        scaler.to_model(np.ones((4, 2)))
+
+
+def test_scaler_dict_round_trip():
+    scaler = Scaler.fit(load_data("moons"))
+    restored = Scaler.from_dict(json.loads(json.dumps(scaler.to_dict())))
+    assert restored == scaler
+    with pytest.raises(UserError, match="shift"):
+        Scaler.from_dict({"scale": [1.0]})
+    with pytest.raises(UserError, match="positive"):
+        Scaler.from_dict({"shift": [0.0], "scale": [0.0]})
+
+
+@pytest.mark.parametrize("x", [np.full((10, 2), 3.0), np.full((2, 1, 4, 4), 7.0)])
+def test_scaler_constant_data_is_finite(x):
+    scaler = Scaler.fit(x.astype(np.float32))
+    model = scaler.to_model(x)
+    assert np.isfinite(model).all()
+    np.testing.assert_array_equal(model, 0)
+    np.testing.assert_array_equal(scaler.to_raw(model), x)
