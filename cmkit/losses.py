@@ -123,6 +123,8 @@ class ConsistencyLoss:
     distance: Distance
     pairs: str = "uniform"
     weighting: str = "uniform"
+    p_mean: float = -1.1  # lognormal pairs only
+    p_std: float = 2.0
 
     def __call__(
         self,
@@ -134,7 +136,7 @@ class ConsistencyLoss:
     ) -> torch.Tensor:
         grid = self.process.grid(self.curriculum.scales(step))
         if self.pairs == "lognormal":
-            n = lognormal_indices(grid, x0.shape[0], generator)
+            n = lognormal_indices(grid, x0.shape[0], generator, self.p_mean, self.p_std)
         else:
             n = uniform_indices(len(grid), x0.shape[0], generator)
         t_lo, t_hi = (grid[n].to(x0), grid[n + 1].to(x0))

@@ -35,7 +35,7 @@ def consistency_scalings(t: torch.Tensor, x: torch.Tensor, sigma_data: float, si
     c_in = 1/√(t² + σ_d²), c_noise = ln(t)/4. At t = ε: c_skip = 1 and c_out = 0 exactly."""
     tc = batch_column(t, x)
     return Scalings(
-        c_skip=sigma_data**2 / ((tc - sigma_min) ** 2 + sigma_data**2),
+        c_skip=1 / (((tc - sigma_min) / sigma_data) ** 2 + 1),  # exactly 1 at t = ε, any σ_d
         c_out=sigma_data * (tc - sigma_min) / torch.sqrt(sigma_data**2 + tc**2),
         c_in=1.0 / torch.sqrt(tc**2 + sigma_data**2),
         c_noise=torch.log(t) / 4,

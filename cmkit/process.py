@@ -43,8 +43,11 @@ class EDMProcess:
         return karras_sigmas(n, self.sigma_min, self.sigma_max, self.rho)
 
     def sampling_times(self, k: int) -> torch.Tensor:
-        """K Karras points from σ_max down to σ_min, then 0 (EDM's sampler grid)."""
-        return torch.cat([self.grid(k).flip(0), torch.zeros(1, dtype=torch.float64)])
+        """K Karras points from σ_max down to σ_min, then 0 (EDM's sampler grid); K = 1: σ_max."""
+        if k < 1:
+            raise UserError(f"solver steps must be >= 1, got {k}")
+        top = self.grid(k).flip(0) if k > 1 else torch.tensor([self.sigma_max], dtype=torch.float64)
+        return torch.cat([top, torch.zeros(1, dtype=torch.float64)])
 
     def perturb(self, x0: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return x0 + batch_column(t, x0) * z
@@ -81,6 +84,8 @@ class FlowProcess:
 
     def sampling_times(self, k: int) -> torch.Tensor:
         """K uniform points from 1 down to 1/K, then 0."""
+        if k < 1:
+            raise UserError(f"solver steps must be >= 1, got {k}")
         return self.grid(k + 1).flip(0)
 
     def perturb(self, x0: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

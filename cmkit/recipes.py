@@ -63,7 +63,7 @@ def default_network(shape: tuple[int, ...]) -> dict:
     mult = [1, 2, 2] if min(height, width) >= 32 and height % 4 == 0 and width % 4 == 0 else [1, 2]
     return {
         "type": "unet",
-        "kwargs": {"in_channels": channels, "channels": 64, "channel_mult": mult},
+        "kwargs": {"in_channels": channels, "channels": 32, "channel_mult": mult},
     }
 
 
@@ -256,22 +256,51 @@ class CTOptions:
     s1: int | None = None  # ct: 150, ict: 1280
     mu0: float = 0.9  # ct only
     mu_variant: str = "paper"  # ct only: "paper" or "openai"
+    pairs: str = "uniform"  # or "lognormal": iCT's paper choice, for long runs (see README)
+    weighting: str | None = None  # ict: "ict" (1/(t_{n+1} − t_n)); ct: "uniform"
+    p_mean: float = -1.1  # lognormal pairs
+    p_std: float = 2.0
 
 
 def _ct_loss(opts: CTOptions, proc: Process, steps: int, shape: list[int]):
     """The CT loss and its curriculum for the chosen recipe."""
     lower = UnbiasedEstimate(proc.perturb)
+    if opts.pairs not in ("uniform", "lognormal"):
+        raise UserError(f"--pairs must be 'uniform' or 'lognormal', got {opts.pairs!r}")
+    if opts.pairs == "lognormal" and proc.name != "edm":
+        raise UserError("--pairs lognormal needs --process edm (flow times are uniform in [0, 1])")
+    if opts.weighting not in (None, "uniform", "ict"):
+        raise UserError(f"--weighting must be 'uniform' or 'ict', got {opts.weighting!r}")
     if opts.recipe == "ict":
         curriculum = ICTCurriculum(steps, opts.s0 or 10, opts.s1 or 1280)
-        pairs = "lognormal" if proc.name == "edm" else "uniform"
         distance = _distance(opts.distance or "pseudo-huber", shape)
-        return ConsistencyLoss(proc, curriculum, lower, distance, pairs, "ict"), curriculum
+        loss = ConsistencyLoss(
+            proc,
+            curriculum,
+            lower,
+            distance,
+            opts.pairs,
+            opts.weighting or "ict",
+            opts.p_mean,
+            opts.p_std,
+        )
+        return loss, curriculum
     if opts.recipe == "ct":
         if opts.mu_variant not in ("paper", "openai"):
             raise UserError(f"--mu-variant must be 'paper' or 'openai', got {opts.mu_variant!r}")
         curriculum = CTCurriculum(steps, opts.s0 or 2, opts.s1 or 150, opts.mu0, opts.mu_variant)
         distance = _distance(opts.distance or "l2", shape)
-        return ConsistencyLoss(proc, curriculum, lower, distance), curriculum
+        loss = ConsistencyLoss(
+            proc,
+            curriculum,
+            lower,
+            distance,
+            opts.pairs,
+            opts.weighting or "uniform",
+            opts.p_mean,
+            opts.p_std,
+        )
+        return loss, curriculum
     raise UserError(f"unknown recipe {opts.recipe!r}; expected 'ct' or 'ict'")
 
 

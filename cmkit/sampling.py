@@ -53,11 +53,11 @@ def sample_ode(
 
 
 def default_times(process, steps: int) -> list[float]:
-    """Intermediate times for `steps`-step sampling when none are stored in the run.
+    """Intermediate times for `steps`-step sampling when none are given or stored in the run.
 
-    EDM: the iCT paper's 2-step σ = 0.821, and for more steps the Karras grid (ρ = 7) between
-    σ_min and 0.821·(number of steps − 1)... kept simple: geometric between 0.821·2^(k−2) and
-    the smallest useful level. Flow: uniform (k−1)/k, …, 1/k.
+    EDM: the interior points of a (steps + 1)-point Karras grid (2 steps: τ = 2.52 with the
+    default σ range); flow: uniform (k−1)/k, …, 1/k. The best τ depends on the model and data
+    (the papers tuned it by search), so pass explicit `times` where quality matters.
     """
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")

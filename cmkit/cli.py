@@ -1,0 +1,300 @@
+"""The `cmkit` command line: the only place flags and config files become components.
+
+Every command takes `--config FILE` (TOML or JSON whose keys are the long flag names, with
+dashes or underscores); flags on the command line win over the file. User errors print one
+line on stderr and exit with code 2; a diverged run exits with 3.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmkit import recipes
+from cmkit.errors import UserError
+from cmkit.train import TrainingDiverged
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage stays available through --help)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--config", help="TOML or JSON file of options (same keys as the flags)")
+    if data:
+        p.add_argument(
+            "--data",
+            help="digits | moons | 8gaussians | checkerboard | swissroll | "
+            "rings | FILE.npy | FILE.npz | image folder",
+        )
+    p.add_argument("--out", help="run directory to create (or continue with --resume)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default depends on the data)")
+    p.add_argument("--batch-size", type=int, help="batch size (default depends on the data)")
+    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--ema-rate", type=float, default=0.999, help="EMA of weights for sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of data held out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    _add_device(p)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, …")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="cmkit",
+        description="Consistency models: one-step generators from "
+        "data or from a diffusion teacher.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("train-teacher", help="train an EDM (or flow-matching) diffusion model")
+    _add_common(p)
+    p.add_argument("--process", default="edm", choices=["edm", "flow"])
+
+    p = sub.add_parser("distill", help="consistency distillation from a teacher run")
+    _add_common(p, data=False)
+    p.add_argument("--teacher", help="teacher run directory")
+    p.add_argument("--solver", default="heun", choices=["euler", "heun"])
+    p.add_argument("--num-scales", type=int, default=18, help="N, points of the σ grid")
+    p.add_argument("--distance", default="l2", choices=["l2", "l1", "pseudo-huber"])
+    p.add_argument("--mu", type=float, default=0.0, help="target EMA rate μ")
+    p.add_argument(
+        "--no-init-from-teacher", action="store_true", help="start the student from random weights"
+    )
+
+    p = sub.add_parser("train", help="consistency training (CT or iCT) from data alone")
+    _add_common(p)
+    p.add_argument("--recipe", default="ict", choices=["ct", "ict"])
+    p.add_argument("--process", default="edm", choices=["edm", "flow"])
+    p.add_argument(
+        "--distance",
+        choices=["l2", "l1", "pseudo-huber"],
+        help="default: l2 for ct, pseudo-huber for ict",
+    )
+    p.add_argument("--s0", type=int, help="initial N (ct: 2, ict: 10)")
+    p.add_argument("--s1", type=int, help="final N (ct: 150, ict: 1280)")
+    p.add_argument("--mu0", type=float, default=0.9, help="ct: initial target EMA rate μ₀")
+    p.add_argument(
+        "--mu-variant",
+        default="paper",
+        choices=["paper", "openai"],
+        help="ct: μ(k) = exp(s₀ ln μ₀ / N(k)) (paper) or / (N(k) − 1) (openai)",
+    )
+
+    p = sub.add_parser("sample", help="draw samples from a run (.npy, or .png grid/scatter)")
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="run directory")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--out", help="FILE.npy (user's units) or FILE.png")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="CM: sampling steps (default 1); teacher: grid "
+        "points K (default 18, Heun: 2K−1 evaluations)",
+    )
+    p.add_argument("--times", type=_floats, help="CM: intermediate times τ₁ > τ₂ > …")
+    p.add_argument("--solver", choices=["euler", "heun"], help="teacher (or --ode) solver")
+    p.add_argument("--ode", action="store_true", help="CM: deterministic ODE v = (x − f)/t")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
+
+    p = sub.add_parser("quickstart", help="the whole pipeline on digits in minutes")
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--out", default="quickstart", help="directory for runs and results")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every step count (e.g. 0.1 for a smoke test)",
+    )
+    _add_device(p)
+    return parser
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Options from a TOML/JSON file, checked against the command's own flags."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+        options = tomllib.loads(text) if file.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read --config {path}: {err}") from None
+    if not isinstance(options, dict):
+        raise UserError(f"--config {path} must hold a table of options, got {type(options)}")
+    known = {a.dest for a in parser._actions}
+    defaults = {}
+    for key, value in options.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("config", "help"):
+            raise UserError(f"--config {path}: unknown option {key!r} for this command")
+        defaults[dest] = value
+    return defaults
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        sub.set_defaults(**_config_defaults(sub, args.config))
+        args = parser.parse_args(argv)
+    return args
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name, None) in (None, ""):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} is required for `cmkit {args.command}` (or set it in --config)"
+            )
+
+
+def _check_device(device: str) -> str:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(
+            f"--device {device!r} is not a device; expected cpu, cuda, cuda:N or mps"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available on this machine")
+    return device
+
+
+def _common(args: argparse.Namespace) -> recipes.Common:
+    _require(args, "out")
+    return recipes.Common(
+        out=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        seed=args.seed,
+        device=_check_device(args.device),
+        holdout=args.holdout,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+    )
+
+
+def _save_options(args: argparse.Namespace, out: Path) -> None:
+    """options.json: the command's options, rerunnable with `--config` (change --out)."""
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    (out / "options.json").write_text(json.dumps(options, indent=2) + "\n")
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> Path:
+    _require(args, "data")
+    return recipes.teacher_run(_common(args), args.data, args.process)
+
+
+def cmd_distill(args: argparse.Namespace) -> Path:
+    _require(args, "teacher")
+    return recipes.distill_run(
+        _common(args),
+        args.teacher,
+        args.solver,
+        args.num_scales,
+        args.distance,
+        args.mu,
+        not args.no_init_from_teacher,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> Path:
+    _require(args, "data")
+    opts = recipes.CTOptions(
+        args.recipe, args.process, args.distance, args.s0, args.s1, args.mu0, args.mu_variant
+    )
+    return recipes.ct_run(_common(args), args.data, opts)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from cmkit.generate import generate, load_model
+    from cmkit.plots import save_image_grid, save_scatter
+
+    _require(args, "model", "out")
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".png"):
+        raise UserError(f"--out {args.out}: expected a .npy or .png file name")
+    model = load_model(args.model, _check_device(args.device))
+    x = generate(model, args.n, args.seed, args.steps, args.times, args.solver, args.ode)
+    if out.suffix == ".npy":
+        np.save(out, x)
+    elif x.ndim == 4:
+        save_image_grid((model.scaler.to_model(x) + 1) / 2, out)
+    elif x.shape[1] == 2:
+        reference = recipes.held_out_data(model.config)
+        save_scatter(x, out, reference if len(reference) else None, title=str(args.model))
+    else:
+        raise UserError(f"--out {args.out}: PNG needs images or 2-D points; got {x.shape[1]}-D")
+    print(f"wrote {args.n} samples to {out}")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from cmkit.quickstart import quickstart
+
+    if args.scale <= 0:
+        raise UserError(f"--scale must be > 0, got {args.scale}")
+    quickstart(Path(args.out), args.scale, _check_device(args.device), not args.no_progress)
+
+
+COMMANDS = {
+    "train-teacher": cmd_train_teacher,
+    "distill": cmd_distill,
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "quickstart": cmd_quickstart,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+        result = COMMANDS[args.command](args)
+        if isinstance(result, Path):
+            _save_options(args, result)
+            print(f"run saved in {result}")
+        return 0
+    except UserError as err:
+        print(f"cmkit: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"cmkit: training stopped: {err}; the last good checkpoint is kept", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("cmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Run directories: safetensors checkpoints, config checks, atomic writes and exact resume."""
+
+import copy
+import json
+import pickle
+
+import pytest
+import torch
+
+from cmkit.errors import UserError
+from cmkit.losses import ConsistencyLoss, UnbiasedEstimate, make_distance
+from cmkit.networks.mlp import MLP
+from cmkit.noise import ICTCurriculum
+from cmkit.process import EDMProcess
+from cmkit.runs import (
+    atomic_write,
+    build_network,
+    load_config,
+    load_network,
+    restore_state,
+    save_checkpoint,
+    save_json,
+)
+from cmkit.train import TrainState, train
+
+NET = {"type": "mlp", "kwargs": {"dim": 2, "hidden": 32, "depth": 1}}
+
+
+def config(kind="consistency"):
+    return {
+        "kind": kind,
+        "process": EDMProcess().to_dict(),
+        "network": copy.deepcopy(NET),
+        "data": {
+            "spec": "8gaussians",
+            "holdout": 0.1,
+            "shape": [2],
+            "scaler": {"shift": [0.0, 0.0], "scale": [4.0, 4.0]},
+        },
+    }
+
+
+def make_state(seed=0):
+    torch.manual_seed(seed)
+    proc = EDMProcess()
+    net = build_network(NET)
+    online = proc.consistency(net)
+    target = proc.consistency(copy.deepcopy(net)).requires_grad_(False)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(online.parameters(), lr=1e-3)
+    return TrainState(online, opt, torch.Generator().manual_seed(seed), ema, target)
+
+
+DATA = 0.5 * torch.randn(512, 2, generator=torch.Generator().manual_seed(123))
+LOSS = ConsistencyLoss(
+    EDMProcess(),
+    ICTCurriculum(20),
+    UnbiasedEstimate(EDMProcess().perturb),
+    make_distance("pseudo-huber", 2),
+    pairs="lognormal",
+    weighting="ict",
+)
+
+
+def run_to(state, steps):
+    return train(state, LOSS, DATA, steps, 32, 0.9, lambda k: 0.5, progress=False)
+
+
+def params(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def test_save_then_load_network_gives_identical_outputs(tmp_path):
+    state = run_to(make_state(), 5)
+    save_checkpoint(tmp_path, config(), state)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    c = torch.linspace(-1, 1, 16)
+    for which, module in (
+        ("ema", state.ema),
+        ("online", state.online.net),
+        ("target", state.target.net),
+    ):
+        cfg, net = load_network(tmp_path, which)
+        assert isinstance(net, MLP) and not net.training
+        assert cfg["format"] == 1 and cfg["kind"] == "consistency"
+        assert cfg["network"] == NET
+        with torch.no_grad():
+            assert torch.equal(net(x, c), module.eval()(x, c))
+    # online and ema differ after training, so the test above distinguishes them
+    assert not torch.equal(state.online.net(x, c), state.ema(x, c))
+
+
+def test_checkpoint_files_and_no_tmp_left(tmp_path):
+    state = run_to(make_state(), 3)
+    save_checkpoint(tmp_path, config(), state)
+    save_checkpoint(tmp_path, config(), state)  # overwriting works too
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "config.json",
+        "ema.safetensors",
+        "online.safetensors",
+        "state.json",
+        "target.safetensors",
+        "trainer.safetensors",
+    ]
+    meta = json.loads((tmp_path / "state.json").read_text())
+    assert meta["step"] == 3
+
+
+def test_atomic_write_replaces_and_cleans_up(tmp_path):
+    path = tmp_path / "x.json"
+    save_json(path, {"a": 1})
+    save_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+    def broken(tmp):
+        tmp.write_text('{"a": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(path, broken)
+    assert json.loads(path.read_text()) == {"a": 2}  # the old file is intact
+
+
+# ---------------------------------------------------------------- config checks
+
+
+def test_load_config_missing_dir(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_config(tmp_path / "nowhere")
+
+
+def test_load_config_dir_without_config(tmp_path):
+    (tmp_path / "ema.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="not a cmkit run directory"):
+        load_config(tmp_path)
+
+
+def test_load_config_other_format(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**config(), "format": 2}))
+    with pytest.raises(UserError, match="format 2.*format 1"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config()))  # no format at all
+    with pytest.raises(UserError, match="format None"):
+        load_config(tmp_path)
+
+
+def test_load_config_invalid_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="format"):
+        load_config(tmp_path)
+
+
+def test_load_config_wrong_kind(tmp_path):
+    save_json(tmp_path / "config.json", {"format": 1, **config("consistency")})
+    assert load_config(tmp_path)["kind"] == "consistency"
+    assert load_config(tmp_path, "consistency")["kind"] == "consistency"
+    with pytest.raises(UserError, match="'consistency' run; expected teacher"):
+        load_config(tmp_path, "teacher")
+    save_json(tmp_path / "config.json", {"format": 1, **config("diffusion")})
+    with pytest.raises(UserError, match="'diffusion' run"):
+        load_config(tmp_path)
+
+
+def test_build_network_unknown_type():
+    with pytest.raises(UserError, match="unknown network type"):
+        build_network({"type": "transformer"})
+
+
+# ---------------------------------------------------------------- unsafe or broken weights
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_pickle_as_safetensors_is_refused_not_executed(tmp_path, writer):
+    state = make_state()
+    save_checkpoint(tmp_path, config(), state)
+    marker = tmp_path / "pwned"
+    path = tmp_path / "ema.safetensors"
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps({"w": Payload(str(marker))}))
+    else:
+        torch.save({"w": Payload(str(marker))}, path)
+    with pytest.raises(UserError, match="cannot load .*ema.safetensors"):
+        load_network(tmp_path, "ema")
+    assert not marker.exists()
+
+
+def test_missing_or_mismatched_weights(tmp_path):
+    state = make_state()
+    save_checkpoint(tmp_path, config(), state)
+    (tmp_path / "ema.safetensors").unlink()
+    with pytest.raises(UserError, match="missing weights file"):
+        load_network(tmp_path, "ema")
+    cfg = config()
+    cfg["network"]["kwargs"]["hidden"] = 16  # architecture no longer matches the weights
+    save_json(tmp_path / "config.json", {"format": 1, **cfg})
+    with pytest.raises(UserError, match="cannot load"):
+        load_network(tmp_path, "online")
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_restore_state_round_trip(tmp_path):
+    state = run_to(make_state(0), 6)
+    state.seconds = 1.5
+    save_checkpoint(tmp_path, config(), state)
+    torch_rng = torch.get_rng_state()
+    torch.manual_seed(999)  # disturb the global RNG; restore_state must put it back
+
+    fresh = make_state(1)  # different initial weights and generator
+    restore_state(tmp_path, fresh)
+    assert fresh.step == 6 and fresh.losses == state.losses and fresh.seconds == 1.5
+    assert torch.equal(fresh.generator.get_state(), state.generator.get_state())
+    assert torch.equal(torch.get_rng_state(), torch_rng)
+    assert_same(params(fresh.online), params(state.online))
+    assert_same(params(fresh.target), params(state.target))
+    assert_same(params(fresh.ema), params(state.ema))
+    saved, loaded = state.optimizer.state_dict(), fresh.optimizer.state_dict()
+    assert saved["state"].keys() == loaded["state"].keys()
+    for i, slots in saved["state"].items():
+        assert slots.keys() == loaded["state"][i].keys()
+        for name, value in slots.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(loaded["state"][i][name]))
+    for g_saved, g_loaded in zip(saved["param_groups"], loaded["param_groups"], strict=True):
+        assert g_saved["lr"] == g_loaded["lr"] and g_saved["params"] == g_loaded["params"]
+        assert tuple(g_saved["betas"]) == tuple(g_loaded["betas"])
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = run_to(make_state(0), 12)
+
+    first = run_to(make_state(0), 6)
+    save_checkpoint(tmp_path, config(), first)
+    resumed = make_state(7)
+    restore_state(tmp_path, resumed)
+    run_to(resumed, 12)
+
+    assert resumed.step == 12
+    assert_same(params(resumed.online), params(straight.online))
+    assert_same(params(resumed.target), params(straight.target))
+    assert_same(params(resumed.ema), params(straight.ema))
+    assert torch.equal(resumed.generator.get_state(), straight.generator.get_state())
