@@ -15,6 +15,7 @@ import torch
 
 from cmkit import recipes
 from cmkit.errors import UserError
+from cmkit.runs import save_json
 from cmkit.train import TrainingDiverged
 
 try:
@@ -39,6 +40,16 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--config", help="TOML or JSON file of options (same keys as the flags)")
     if data:
@@ -56,7 +67,33 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of data held out")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--checkpoint-every", type=int, default=1000)
+    if data:
+        p.add_argument(
+            "--network",
+            type=_json_object,
+            default={},
+            help="network settings, e.g. '{\"hidden\": 512}' or '{\"channels\": 64}'",
+        )
     _add_device(p)
+
+
+def _add_process(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--process", default="edm", choices=["edm", "flow"])
+    p.add_argument("--sigma-min", type=float, default=0.002, help="edm: ε = σ_min")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="edm: T = σ_max")
+    p.add_argument("--rho", type=float, default=7.0, help="edm: Karras grid exponent ρ")
+    p.add_argument("--sigma-data", type=float, default=0.5, help="edm: σ_data")
+
+
+def _edm_kwargs(args: argparse.Namespace) -> dict:
+    if args.process != "edm":
+        return {}
+    return {
+        "sigma_min": args.sigma_min,
+        "sigma_max": args.sigma_max,
+        "rho": args.rho,
+        "sigma_data": args.sigma_data,
+    }
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -74,7 +111,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("train-teacher", help="train an EDM (or flow-matching) diffusion model")
     _add_common(p)
-    p.add_argument("--process", default="edm", choices=["edm", "flow"])
+    _add_process(p)
 
     p = sub.add_parser("distill", help="consistency distillation from a teacher run")
     _add_common(p, data=False)
@@ -90,7 +127,7 @@ def build_parser() -> Parser:
     p = sub.add_parser("train", help="consistency training (CT or iCT) from data alone")
     _add_common(p)
     p.add_argument("--recipe", default="ict", choices=["ct", "ict"])
-    p.add_argument("--process", default="edm", choices=["edm", "flow"])
+    _add_process(p)
     p.add_argument(
         "--distance",
         choices=["l2", "l1", "pseudo-huber"],
@@ -105,6 +142,20 @@ def build_parser() -> Parser:
         choices=["paper", "openai"],
         help="ct: μ(k) = exp(s₀ ln μ₀ / N(k)) (paper) or / (N(k) − 1) (openai)",
     )
+    p.add_argument(
+        "--pairs",
+        default="uniform",
+        choices=["uniform", "lognormal"],
+        help="how grid pairs are drawn; lognormal is the iCT paper's choice for 400k-step "
+        "runs, uniform trains the one-step map faster on short runs",
+    )
+    p.add_argument(
+        "--weighting",
+        choices=["uniform", "ict"],
+        help="λ: 1 (ct default) or 1/(t_{n+1} − t_n) (ict default)",
+    )
+    p.add_argument("--p-mean", type=float, default=-1.1, help="lognormal pairs: P_mean")
+    p.add_argument("--p-std", type=float, default=2.0, help="lognormal pairs: P_std")
 
     p = sub.add_parser("sample", help="draw samples from a run (.npy, or .png grid/scatter)")
     p.add_argument("--config", help="TOML or JSON file of options")
@@ -203,18 +254,19 @@ def _common(args: argparse.Namespace) -> recipes.Common:
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
+        network=getattr(args, "network", {}),
     )
 
 
 def _save_options(args: argparse.Namespace, out: Path) -> None:
     """options.json: the command's options, rerunnable with `--config` (change --out)."""
     options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
-    (out / "options.json").write_text(json.dumps(options, indent=2) + "\n")
+    save_json(out / "options.json", options)
 
 
 def cmd_train_teacher(args: argparse.Namespace) -> Path:
     _require(args, "data")
-    return recipes.teacher_run(_common(args), args.data, args.process)
+    return recipes.teacher_run(_common(args), args.data, args.process, _edm_kwargs(args))
 
 
 def cmd_distill(args: argparse.Namespace) -> Path:
@@ -233,7 +285,18 @@ def cmd_distill(args: argparse.Namespace) -> Path:
 def cmd_train(args: argparse.Namespace) -> Path:
     _require(args, "data")
     opts = recipes.CTOptions(
-        args.recipe, args.process, args.distance, args.s0, args.s1, args.mu0, args.mu_variant
+        recipe=args.recipe,
+        process=args.process,
+        distance=args.distance,
+        s0=args.s0,
+        s1=args.s1,
+        mu0=args.mu0,
+        mu_variant=args.mu_variant,
+        edm=_edm_kwargs(args),
+        pairs=args.pairs,
+        weighting=args.weighting,
+        p_mean=args.p_mean,
+        p_std=args.p_std,
     )
     return recipes.ct_run(_common(args), args.data, opts)
 

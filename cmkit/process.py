@@ -25,9 +25,13 @@ class EDMProcess:
     sigma_data: float = 0.5
 
     def __post_init__(self) -> None:
-        check_grid_args(2, self.sigma_min, self.sigma_max)
-        if self.sigma_min <= 0 or self.sigma_data <= 0 or self.rho <= 0:
-            raise UserError(f"EDM needs sigma_min, sigma_data, rho > 0, got {asdict(self)}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise UserError(
+                f"need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
+                f"sigma_max={self.sigma_max}"
+            )
+        if self.sigma_data <= 0 or self.rho <= 0:
+            raise UserError(f"need sigma_data > 0 and rho > 0, got {asdict(self)}")
 
     name = "edm"
 

@@ -48,15 +48,29 @@ class Common:
 
 # Defaults measured to give the README's results on 2 CPU cores (see the closing notes).
 VECTOR_DEFAULTS = {"teacher_steps": 6000, "cm_steps": 6000, "batch_size": 512, "lr": 1e-3}
-IMAGE_DEFAULTS = {"teacher_steps": 3000, "cm_steps": 3000, "batch_size": 128, "lr": 4e-4}
+IMAGE_DEFAULTS = {"teacher_steps": 4000, "cm_steps": 3000, "batch_size": 64, "lr": 4e-4}
 
 
 def defaults_for(shape: tuple[int, ...]) -> dict:
     return VECTOR_DEFAULTS if len(shape) == 1 else IMAGE_DEFAULTS
 
 
-def default_network(shape: tuple[int, ...]) -> dict:
+def _build(net_spec: dict):
+    """The network, with a bad --network setting reported as a user error."""
+    try:
+        return build_network(net_spec)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"bad --network settings {net_spec['kwargs']}: {err}") from None
+
+
+def default_network(shape: tuple[int, ...], overrides: dict | None = None) -> dict:
     """An MLP for vectors, a small UNet for images (two levels, or three from 32 px up)."""
+    spec = _default_network(shape)
+    spec["kwargs"].update(overrides or {})
+    return spec
+
+
+def _default_network(shape: tuple[int, ...]) -> dict:
     if len(shape) == 1:
         return {"type": "mlp", "kwargs": {"dim": shape[0], "hidden": 256, "depth": 4}}
     channels, height, width = shape
@@ -88,9 +102,10 @@ def held_out_data(config: dict) -> np.ndarray:
     return datalib.split_holdout(datalib.load_data(section["spec"]), section["holdout"])[1]
 
 
-def make_process(name: str, **kwargs) -> Process:
+def make_process(name: str, **edm_kwargs) -> Process:
+    """The named process; EDM takes sigma_min, sigma_max, rho, sigma_data (flow has none)."""
     if name == "edm":
-        return EDMProcess(**kwargs)
+        return EDMProcess(**edm_kwargs)
     if name == "flow":
         return FlowProcess()
     raise UserError(f"unknown process {name!r}; expected 'edm' or 'flow'")
@@ -153,14 +168,15 @@ def _training_section(common: Common, shape, steps_key: str, **extra) -> dict:
     return section
 
 
-def teacher_run(common: Common, data_spec: str, process: str = "edm") -> Path:
+def teacher_run(
+    common: Common, data_spec: str, process: str = "edm", process_kwargs: dict | None = None
+) -> Path:
     """Train an EDM denoiser or a flow-matching velocity field: the baseline and CD teacher."""
     torch.manual_seed(common.seed)
+    proc = make_process(process, **(process_kwargs or {}))
     data, data_section = load_training_data(data_spec, common.holdout)
-    proc = make_process(process)
-    net_spec = default_network(tuple(data_section["shape"]))
-    net_spec["kwargs"].update(common.network)
-    net = build_network(net_spec)
+    net_spec = default_network(tuple(data_section["shape"]), common.network)
+    net = _build(net_spec)
     config = {
         "kind": "teacher",
         "process": proc.to_dict(),
@@ -256,6 +272,7 @@ class CTOptions:
     s1: int | None = None  # ct: 150, ict: 1280
     mu0: float = 0.9  # ct only
     mu_variant: str = "paper"  # ct only: "paper" or "openai"
+    edm: dict = field(default_factory=dict)  # sigma_min, sigma_max, rho, sigma_data overrides
     pairs: str = "uniform"  # or "lognormal": iCT's paper choice, for long runs (see README)
     weighting: str | None = None  # ict: "ict" (1/(t_{n+1} − t_n)); ct: "uniform"
     p_mean: float = -1.1  # lognormal pairs
@@ -271,6 +288,11 @@ def _ct_loss(opts: CTOptions, proc: Process, steps: int, shape: list[int]):
         raise UserError("--pairs lognormal needs --process edm (flow times are uniform in [0, 1])")
     if opts.weighting not in (None, "uniform", "ict"):
         raise UserError(f"--weighting must be 'uniform' or 'ict', got {opts.weighting!r}")
+    s0_min = 1 if opts.recipe == "ict" else 2  # N(0) = s0 + 1 for ict, s0 for ct; N >= 2
+    if opts.s0 is not None and (opts.s0 < s0_min or (opts.s1 is not None and opts.s1 < opts.s0)):
+        raise UserError(
+            f"need s0 >= {s0_min} and s1 >= s0 so that N >= 2, got s0={opts.s0}, s1={opts.s1}"
+        )
     if opts.recipe == "ict":
         curriculum = ICTCurriculum(steps, opts.s0 or 10, opts.s1 or 1280)
         distance = _distance(opts.distance or "pseudo-huber", shape)
@@ -307,11 +329,10 @@ def _ct_loss(opts: CTOptions, proc: Process, steps: int, shape: list[int]):
 def ct_run(common: Common, data_spec: str, opts: CTOptions) -> Path:
     """Consistency training from data alone, with the EMA target θ⁻ and the N(k)/μ(k) curriculum."""
     torch.manual_seed(common.seed)
+    proc = make_process(opts.process, **opts.edm)
     data, section = load_training_data(data_spec, common.holdout)
-    proc = make_process(opts.process)
-    net_spec = default_network(tuple(section["shape"]))
-    net_spec["kwargs"].update(common.network)
-    net = build_network(net_spec)
+    net_spec = default_network(tuple(section["shape"]), common.network)
+    net = _build(net_spec)
     config = _consistency_config(common, net_spec, proc, section, "cm_steps", **asdict(opts))
     loss, curriculum = _ct_loss(opts, proc, config["training"]["steps"], section["shape"])
     online, target = proc.consistency(net), proc.consistency(copy.deepcopy(net))

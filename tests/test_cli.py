@@ -1,0 +1,220 @@
+"""End-to-end CLI runs on tiny configs: the contract flags, files, resume and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cmkit.cli import main
+
+TINY = ["--steps", "40", "--batch-size", "64", "--no-progress", "--checkpoint-every", "20"]
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A teacher, a distilled model and an iCT model on moons, each trained for 40 steps."""
+    root = tmp_path_factory.mktemp("runs")
+    assert run_cli("train-teacher", "--data", "moons", "--out", root / "teacher", *TINY) == 0
+    assert run_cli("distill", "--teacher", root / "teacher", "--out", root / "cd", *TINY) == 0
+    assert run_cli("train", "--data", "moons", "--out", root / "ict", *TINY) == 0
+    return root
+
+
+def test_run_directories_hold_config_weights_and_options(runs):
+    for name in ("teacher", "cd", "ict"):
+        files = {p.name for p in (runs / name).iterdir()}
+        assert {
+            "config.json",
+            "online.safetensors",
+            "ema.safetensors",
+            "trainer.safetensors",
+            "state.json",
+            "options.json",
+        } <= files
+        assert not any(f.endswith(".tmp") for f in files)
+    config = json.loads((runs / "cd" / "config.json").read_text())
+    assert config["kind"] == "consistency" and config["training"]["recipe"] == "cd"
+    assert config["training"]["steps"] == 40
+    assert "target.safetensors" in {p.name for p in (runs / "cd").iterdir()}
+
+
+@pytest.mark.parametrize(
+    "run,extra",
+    [
+        ("teacher", ["--steps", "4"]),
+        ("cd", []),
+        ("cd", ["--steps", "2"]),
+        ("ict", ["--times", "1.0"]),
+    ],
+)
+def test_sample_same_seed_same_samples(runs, tmp_path, run, extra):
+    paths = [tmp_path / f"{i}.npy" for i in range(3)]
+    for path, seed in zip(paths, (7, 7, 8), strict=True):
+        assert (
+            run_cli(
+                "sample", "--model", runs / run, "--n", 50, "--out", path, "--seed", seed, *extra
+            )
+            == 0
+        )
+    a, b, c = (np.load(p) for p in paths)
+    assert a.shape == (50, 2) and a.dtype == np.float32
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_samples_come_back_in_data_units(runs, tmp_path):
+    """moons spans about ±3 by ±1.8 in its own units; model units would be near ±1."""
+    out = tmp_path / "s.npy"
+    assert run_cli("sample", "--model", runs / "teacher", "--n", 400, "--out", out) == 0
+    x = np.load(out)
+    assert 1.0 < x[:, 0].std() < 4.0
+
+
+def test_sample_png_scatter_and_image_grid(runs, tmp_path):
+    assert run_cli("sample", "--model", runs / "cd", "--n", 100, "--out", tmp_path / "a.png") == 0
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_continues_to_more_steps(runs, tmp_path):
+    out = tmp_path / "t"
+    assert run_cli("train-teacher", "--data", "moons", "--out", out, *TINY) == 0
+    assert (
+        run_cli(
+            "train-teacher", "--data", "moons", "--out", out, *TINY[2:], "--steps", "60", "--resume"
+        )
+        == 0
+    )
+    state = json.loads((out / "state.json").read_text())
+    assert state["step"] == 60
+
+
+def test_config_file_sets_options(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'data = "8gaussians"\nsteps = 20\nbatch-size = 32\nno_progress = true\nrecipe = "ct"\n'
+    )
+    assert run_cli("train", "--config", cfg, "--out", tmp_path / "r") == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["training"]["recipe"] == "ct" and config["training"]["batch_size"] == 32
+    assert config["data"]["spec"] == "8gaussians"
+
+
+def test_flow_process_teacher_and_ct(tmp_path):
+    assert (
+        run_cli(
+            "train-teacher", "--data", "rings", "--process", "flow", "--out", tmp_path / "ft", *TINY
+        )
+        == 0
+    )
+    assert run_cli("distill", "--teacher", tmp_path / "ft", "--out", tmp_path / "fcd", *TINY) == 0
+    assert (
+        run_cli(
+            "train",
+            "--data",
+            "rings",
+            "--process",
+            "flow",
+            "--recipe",
+            "ct",
+            "--out",
+            tmp_path / "fct",
+            *TINY,
+        )
+        == 0
+    )
+    for run, steps in (("ft", 3), ("fcd", 3), ("fct", 2)):
+        out = tmp_path / f"{run}.npy"
+        assert (
+            run_cli("sample", "--model", tmp_path / run, "--n", 20, "--out", out, "--steps", steps)
+            == 0
+        )
+        assert np.isfinite(np.load(out)).all()
+
+
+def _bad_inputs(tmp_path):
+    np.save(tmp_path / "shape.npy", np.zeros((5, 2, 2)))
+    nan = np.zeros((20, 2))
+    nan[3, 1] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text('{"model": "something else"}')
+    t = ["--out", tmp_path / "o", "--steps", "5"]
+    return {
+        "unknown data": (["train", "--data", "nope", *t], "nope"),
+        "wrong shape": (["train", "--data", tmp_path / "shape.npy", *t], "shape"),
+        "nan": (["train-teacher", "--data", tmp_path / "nan.npy", *t], "non-finite"),
+        "missing run": (["sample", "--model", tmp_path / "missing", "--out", "x.npy"], "missing"),
+        "foreign run": (["sample", "--model", tmp_path / "foreign", "--out", "x.npy"], "format"),
+        "sigma order": (
+            ["train", "--data", "moons", "--sigma-min", "5", "--sigma-max", "1", *t],
+            "sigma_min",
+        ),
+        "ict s0": (["train", "--data", "moons", "--s0", "0", *t], "s0"),
+        "bad steps": (
+            ["train", "--data", "moons", "--steps", "0", "--out", tmp_path / "o"],
+            "--steps",
+        ),
+        "bad out": (["sample", "--model", tmp_path / "foreign", "--out", "x.txt"], ".npy"),
+    }
+
+
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys):
+    for name, (args, needle) in _bad_inputs(tmp_path).items():
+        assert run_cli(*args) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, (name, err)
+        assert err.startswith("cmkit: error:") and needle in err, (name, err)
+
+
+def test_distill_rejects_num_scales_below_2_and_consistency_teacher(runs, capsys):
+    assert (
+        run_cli("distill", "--teacher", runs / "teacher", "--num-scales", "1", "--out", runs / "x")
+        == 2
+    )
+    assert "N >= 2" in capsys.readouterr().err
+    assert run_cli("distill", "--teacher", runs / "cd", "--out", runs / "y") == 2
+    assert "teacher" in capsys.readouterr().err
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmkit.cli",
+            "train",
+            "--data",
+            "nope",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_help_lists_contract_commands():
+    proc = subprocess.run(
+        [sys.executable, "-m", "cmkit.cli", "--help"], capture_output=True, text=True
+    )
+    for command in ("train-teacher", "distill", "train", "sample", "quickstart"):
+        assert command in proc.stdout
+
+
+def test_quickstart_smoke(tmp_path):
+    """The main job end to end at a tiny scale: three runs, the PNG and the report."""
+    assert run_cli("quickstart", "--out", tmp_path, "--scale", "0.003", "--no-progress") == 0
+    for run in ("teacher", "cd", "ict"):
+        assert (tmp_path / run / "config.json").is_file()
+    assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    report = (tmp_path / "report.md").read_text()
+    for title in ("teacher Heun | 35", "CD 1 step | 1", "CD 2 steps | 2", "iCT 1 step | 1"):
+        assert title in report
