@@ -155,9 +155,9 @@ def _fit(common: Common, config: dict, state: TrainState, data, loss_fn, target_
 def _training_section(common: Common, shape, steps_key: str, **extra) -> dict:
     defaults = defaults_for(tuple(shape))
     section = {
-        "steps": common.steps or defaults[steps_key],
-        "batch_size": common.batch_size or defaults["batch_size"],
-        "lr": common.lr or defaults["lr"],
+        "steps": defaults[steps_key] if common.steps is None else common.steps,
+        "batch_size": defaults["batch_size"] if common.batch_size is None else common.batch_size,
+        "lr": defaults["lr"] if common.lr is None else common.lr,
         "ema_rate": common.ema_rate,
         "seed": common.seed,
         **extra,
