@@ -197,14 +197,49 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         raise UserError(f"cannot read --config {path}: {err}") from None
     if not isinstance(options, dict):
         raise UserError(f"--config {path} must hold a table of options, got {type(options)}")
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("config", "help")}
     defaults = {}
     for key, value in options.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known or dest in ("config", "help"):
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None:
             raise UserError(f"--config {path}: unknown option {key!r} for this command")
-        defaults[dest] = value
+        if not _valid_option(action, value):
+            expected = ", ".join(action.choices) if action.choices else _kind_of(action)
+            raise UserError(f"--config {path}: {key} = {value!r}; expected {expected}")
+        defaults[action.dest] = float(value) if action.type is float else value
     return defaults
+
+
+def _kind_of(action: argparse.Action) -> str:
+    if action.nargs == 0:
+        return "true or false"
+    names = {
+        int: "an integer",
+        float: "a number",
+        _floats: "a list of numbers",
+        _json_object: "a table",
+    }
+    return names.get(action.type, "a string")
+
+
+def _valid_option(action: argparse.Action, value) -> bool:
+    """A config value must already have the type the flag would parse to."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if action.nargs == 0:  # store_true flags
+        ok = isinstance(value, bool)
+    elif action.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif action.type is float:
+        ok = number
+    elif action.type is _floats:
+        ok = isinstance(value, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        )
+    elif action.type is _json_object:
+        ok = isinstance(value, dict)
+    else:
+        ok = isinstance(value, str)
+    return ok and (not action.choices or value in action.choices)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -260,7 +295,8 @@ def _common(args: argparse.Namespace) -> recipes.Common:
 
 def _save_options(args: argparse.Namespace, out: Path) -> None:
     """options.json: the command's options, rerunnable with `--config` (change --out)."""
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    skip = ("command", "config", "resume")
+    options = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     save_json(out / "options.json", options)
 
 

@@ -46,7 +46,7 @@ class Common:
     network: dict = field(default_factory=dict)  # overrides of the default network kwargs
 
 
-# Defaults measured to give the README's results on 2 CPU cores (see the closing notes).
+# Defaults sized for 2 CPU cores; their measured results are in BENCHMARKS.md.
 VECTOR_DEFAULTS = {"teacher_steps": 6000, "cm_steps": 6000, "batch_size": 512, "lr": 1e-3}
 IMAGE_DEFAULTS = {"teacher_steps": 4000, "cm_steps": 3000, "batch_size": 64, "lr": 4e-4}
 
@@ -281,7 +281,6 @@ class CTOptions:
 
 def _ct_loss(opts: CTOptions, proc: Process, steps: int, shape: list[int]):
     """The CT loss and its curriculum for the chosen recipe."""
-    lower = UnbiasedEstimate(proc.perturb)
     if opts.pairs not in ("uniform", "lognormal"):
         raise UserError(f"--pairs must be 'uniform' or 'lognormal', got {opts.pairs!r}")
     if opts.pairs == "lognormal" and proc.name != "edm":
@@ -295,35 +294,25 @@ def _ct_loss(opts: CTOptions, proc: Process, steps: int, shape: list[int]):
         )
     if opts.recipe == "ict":
         curriculum = ICTCurriculum(steps, opts.s0 or 10, opts.s1 or 1280)
-        distance = _distance(opts.distance or "pseudo-huber", shape)
-        loss = ConsistencyLoss(
-            proc,
-            curriculum,
-            lower,
-            distance,
-            opts.pairs,
-            opts.weighting or "ict",
-            opts.p_mean,
-            opts.p_std,
-        )
-        return loss, curriculum
-    if opts.recipe == "ct":
+        distance, weighting = opts.distance or "pseudo-huber", opts.weighting or "ict"
+    elif opts.recipe == "ct":
         if opts.mu_variant not in ("paper", "openai"):
             raise UserError(f"--mu-variant must be 'paper' or 'openai', got {opts.mu_variant!r}")
         curriculum = CTCurriculum(steps, opts.s0 or 2, opts.s1 or 150, opts.mu0, opts.mu_variant)
-        distance = _distance(opts.distance or "l2", shape)
-        loss = ConsistencyLoss(
-            proc,
-            curriculum,
-            lower,
-            distance,
-            opts.pairs,
-            opts.weighting or "uniform",
-            opts.p_mean,
-            opts.p_std,
-        )
-        return loss, curriculum
-    raise UserError(f"unknown recipe {opts.recipe!r}; expected 'ct' or 'ict'")
+        distance, weighting = opts.distance or "l2", opts.weighting or "uniform"
+    else:
+        raise UserError(f"unknown recipe {opts.recipe!r}; expected 'ct' or 'ict'")
+    loss = ConsistencyLoss(
+        proc,
+        curriculum,
+        UnbiasedEstimate(proc.perturb),
+        _distance(distance, shape),
+        opts.pairs,
+        weighting,
+        opts.p_mean,
+        opts.p_std,
+    )
+    return loss, curriculum
 
 
 def ct_run(common: Common, data_spec: str, opts: CTOptions) -> Path:

@@ -51,6 +51,7 @@ def test_run_directories_hold_config_weights_and_options(runs):
         ("cd", []),
         ("cd", ["--steps", "2"]),
         ("ict", ["--times", "1.0"]),
+        ("cd", ["--ode", "--steps", "3"]),
     ],
 )
 def test_sample_same_seed_same_samples(runs, tmp_path, run, extra):
@@ -218,3 +219,65 @@ def test_quickstart_smoke(tmp_path):
     report = (tmp_path / "report.md").read_text()
     for title in ("teacher Heun | 35", "CD 1 step | 1", "CD 2 steps | 2", "iCT 1 step | 1"):
         assert title in report
+
+
+def test_image_run_samples_png_grid(tmp_path):
+    from PIL import Image
+
+    run = tmp_path / "digits"
+    assert (
+        run_cli(
+            "train-teacher",
+            "--data",
+            "digits",
+            "--out",
+            run,
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--no-progress",
+        )
+        == 0
+    )
+    assert (
+        run_cli("sample", "--model", run, "--n", 16, "--steps", 2, "--out", tmp_path / "g.png") == 0
+    )
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.mode == "L" and grid.size == (4 * 37, 4 * 37)  # 4×4 tiles of 8 px, 1 px gaps, ×4
+    assert run_cli("sample", "--model", run, "--n", 4, "--out", tmp_path / "g.npy") == 0
+    assert np.load(tmp_path / "g.npy").shape == (4, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ('steps = "many"', "integer"),
+        ("recipe = 'xct'", "ct, ict"),
+        ("colour = 1", "unknown"),
+        ("resume = 1", "true or false"),
+        ("steps = [", "cannot read"),
+    ],
+)
+def test_bad_config_file_is_one_line(tmp_path, capsys, text, needle):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text + "\n")
+    assert run_cli("train", "--config", cfg, "--data", "moons", "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_options_json_reruns_with_config(runs, tmp_path):
+    """options.json written by a run is accepted back by --config."""
+    assert (
+        run_cli(
+            "train",
+            "--config",
+            runs / "ict" / "options.json",
+            "--out",
+            tmp_path / "again",
+            "--steps",
+            "5",
+        )
+        == 0
+    )
