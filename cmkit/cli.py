@@ -346,7 +346,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if out.suffix not in (".npy", ".png"):
         raise UserError(f"--out {args.out}: expected a .npy or .png file name")
     model = load_model(args.model, _check_device(args.device))
-    x = generate(model, args.n, args.seed, args.steps, args.times, args.solver, args.ode)
+    x = generate(
+        model,
+        args.n,
+        args.seed,
+        args.steps,
+        args.times,
+        args.solver,
+        args.ode,
+        progress=not args.no_progress,
+    )
     if out.suffix == ".npy":
         np.save(out, x)
     elif x.ndim == 4:

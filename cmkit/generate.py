@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from cmkit.data import Scaler
 from cmkit.errors import UserError
@@ -59,6 +60,7 @@ def generate(
     solver: str | None = None,
     ode: bool = False,
     chunk: int = 2048,
+    progress: bool = False,
 ) -> np.ndarray:
     """n samples in the user's units, float32; the same seed gives the same samples.
 
@@ -70,6 +72,8 @@ def generate(
         raise UserError(f"--n must be >= 1, got {n}")
     if solver not in (None, "euler", "heun"):
         raise UserError(f"--solver must be 'euler' or 'heun', got {solver!r}")
+    if times is not None and model.kind == "teacher":
+        raise UserError("--times applies to consistency runs; a teacher takes --steps K")
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *model.shape), generator=gen)
     device = next(model.fn.parameters()).device
@@ -80,7 +84,7 @@ def generate(
         taus = cm_times(model, steps, times)
         noises = [torch.randn(z.shape, generator=gen) for _ in taus]
     out = []
-    for i in range(0, n, chunk):
+    for i in tqdm(range(0, n, chunk), disable=not progress, desc="sampling", unit="chunk"):
         zc, ec = z[i : i + chunk].to(device), [e[i : i + chunk].to(device) for e in noises]
         if model.kind == "teacher" or ode:
             x = solve(model.fn, model.process.prior(zc), grid, solver or "heun")

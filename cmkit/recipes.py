@@ -162,7 +162,12 @@ def _training_section(common: Common, shape, steps_key: str, **extra) -> dict:
         "seed": common.seed,
         **extra,
     }
-    _check_positive(steps=section["steps"], batch_size=section["batch_size"], lr=section["lr"])
+    _check_positive(
+        steps=section["steps"],
+        batch_size=section["batch_size"],
+        lr=section["lr"],
+        checkpoint_every=common.checkpoint_every,
+    )
     if not 0 <= common.ema_rate < 1:
         raise UserError(f"--ema-rate must be in [0, 1), got {common.ema_rate}")
     return section

@@ -59,7 +59,7 @@ def train(
     """Run `steps` optimiser steps from `state.step`; `data` is in model units on the device."""
     device = next(state.online.parameters()).device
     bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="training")
-    running, started = [], time.perf_counter()
+    running, started, seconds_before = [], time.perf_counter(), state.seconds
     while state.step < steps:
         # data: sampling with replacement from the CPU generator keeps runs reproducible
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=state.generator)
@@ -83,8 +83,8 @@ def train(
             bar.set_postfix(loss=f"{state.losses[-1]:.4g}")
             running = []
         bar.update(1)
+        state.seconds = seconds_before + time.perf_counter() - started
         if checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == steps):
             checkpoint(state)
     bar.close()
-    state.seconds += time.perf_counter() - started
     return state
