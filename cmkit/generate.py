@@ -11,8 +11,7 @@ from cmkit.data import Scaler
 from cmkit.errors import UserError
 from cmkit.process import Process, process_from_dict
 from cmkit.runs import load_network
-from cmkit.sampling import check_times, default_times, sample_multistep
-from cmkit.solvers import solve
+from cmkit.sampling import check_times, default_times, sample_multistep, sample_ode
 
 
 @dataclass
@@ -78,7 +77,7 @@ def generate(
     z = torch.randn((n, *model.shape), generator=gen)
     device = next(model.fn.parameters()).device
     if model.kind == "teacher" or ode:
-        grid = model.process.sampling_times(steps or model.config["sampling"].get("steps", 18))
+        k = steps or model.config["sampling"].get("steps", 18)
         noises = []
     else:
         taus = cm_times(model, steps, times)
@@ -87,7 +86,7 @@ def generate(
     for i in tqdm(range(0, n, chunk), disable=not progress, desc="sampling", unit="chunk"):
         zc, ec = z[i : i + chunk].to(device), [e[i : i + chunk].to(device) for e in noises]
         if model.kind == "teacher" or ode:
-            x = solve(model.fn, model.process.prior(zc), grid, solver or "heun")
+            x = sample_ode(model.fn, model.process, zc, k, solver or "heun")
         else:
             x = sample_multistep(model.fn, model.process, zc, taus, ec)
         out.append(x.cpu())

@@ -47,8 +47,8 @@ def sample_multistep(
 def sample_ode(
     f: Denoiser, process, z: torch.Tensor, steps: int, solver: str = "euler"
 ) -> torch.Tensor:
-    """Deterministic sampling of the ODE dx/dt = v with v = (x − f(x, t))/t, over the process's
-    solver grid of `steps` points (for comparison with multistep sampling)."""
+    """Deterministic sampling of dx/dt = (x − f(x, t))/t over the process's solver grid of
+    `steps` points: the PF-ODE of a teacher denoiser, or a consistency model's own ODE."""
     return solve(f, process.prior(z), process.sampling_times(steps), solver)
 
 
