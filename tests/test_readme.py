@@ -1,0 +1,18 @@
+"""The README's Python example and commands stay true."""
+
+import re
+from pathlib import Path
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_python_example_runs():
+    (code,) = re.findall(r"```python\n(.*?)```", README, re.S)
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 - our own README
+    assert namespace["one"].shape == namespace["two"].shape == (16, 2)
+
+
+def test_test_command_is_what_ci_runs():
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert "python -m pytest -q" in README and "python -m pytest -q" in ci
