@@ -337,6 +337,15 @@ def cmd_train(args: argparse.Namespace) -> Path:
     return recipes.ct_run(_common(args), args.data, opts)
 
 
+def _reference_or_none(config: dict) -> np.ndarray | None:
+    """Held-out data to draw behind a scatter plot, if the training data is still readable."""
+    try:
+        reference = recipes.held_out_data(config)
+    except UserError:
+        return None
+    return reference if len(reference) else None
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from cmkit.generate import generate, load_model
     from cmkit.plots import save_image_grid, save_scatter
@@ -361,8 +370,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     elif x.ndim == 4:
         save_image_grid((model.scaler.to_model(x) + 1) / 2, out)
     elif x.shape[1] == 2:
-        reference = recipes.held_out_data(model.config)
-        save_scatter(x, out, reference if len(reference) else None, title=str(args.model))
+        save_scatter(x, out, _reference_or_none(model.config), title=str(args.model))
     else:
         raise UserError(f"--out {args.out}: PNG needs images or 2-D points; got {x.shape[1]}-D")
     print(f"wrote {args.n} samples to {out}")
