@@ -222,19 +222,20 @@ def _kind_of(action: argparse.Action) -> str:
     return names.get(action.type, "a string")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _valid_option(action: argparse.Action, value) -> bool:
     """A config value must already have the type the flag would parse to."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
     if action.nargs == 0:  # store_true flags
         ok = isinstance(value, bool)
     elif action.type is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = _is_number(value) and isinstance(value, int)
     elif action.type is float:
-        ok = number
+        ok = _is_number(value)
     elif action.type is _floats:
-        ok = isinstance(value, list) and all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in value
-        )
+        ok = isinstance(value, list) and all(_is_number(v) for v in value)
     elif action.type is _json_object:
         ok = isinstance(value, dict)
     else:

@@ -76,7 +76,8 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *model.shape), generator=gen)
     device = next(model.fn.parameters()).device
-    if model.kind == "teacher" or ode:
+    use_ode = model.kind == "teacher" or ode
+    if use_ode:
         k = steps or model.config["sampling"].get("steps", 18)
         noises = []
     else:
@@ -85,7 +86,7 @@ def generate(
     out = []
     for i in tqdm(range(0, n, chunk), disable=not progress, desc="sampling", unit="chunk"):
         zc, ec = z[i : i + chunk].to(device), [e[i : i + chunk].to(device) for e in noises]
-        if model.kind == "teacher" or ode:
+        if use_ode:
             x = sample_ode(model.fn, model.process, zc, k, solver or "heun")
         else:
             x = sample_multistep(model.fn, model.process, zc, taus, ec)

@@ -12,6 +12,7 @@ from cmkit import recipes
 from cmkit.generate import generate, load_model
 from cmkit.metrics import energy_distance
 from cmkit.plots import image_grid, save_panels
+from cmkit.runs import load_config
 
 DATA = "digits"
 SAMPLERS = [  # (title, run, sampling options, network evaluations)
@@ -41,15 +42,16 @@ def train_all(out: Path, scale: float, device: str, progress: bool) -> dict[str,
         name: max(10, round(base[key] * scale))
         for name, key in [("teacher", "teacher_steps"), ("cd", "cm_steps"), ("ict", "cm_steps")]
     }
+    stages = {  # run in this order: distillation reads the teacher run
+        "teacher": lambda common: recipes.teacher_run(common, DATA),
+        "cd": lambda common: recipes.distill_run(common, str(out / "teacher")),
+        "ict": lambda common: recipes.ct_run(common, DATA, recipes.CTOptions(recipe="ict")),
+    }
     seconds = {}
-    start = time.perf_counter()
-    recipes.teacher_run(_common(out / "teacher", steps["teacher"], device, progress), DATA)
-    seconds["teacher"] = time.perf_counter() - start
-    recipes.distill_run(_common(out / "cd", steps["cd"], device, progress), str(out / "teacher"))
-    seconds["cd"] = time.perf_counter() - start - sum(seconds.values())
-    opts = recipes.CTOptions(recipe="ict")
-    recipes.ct_run(_common(out / "ict", steps["ict"], device, progress), DATA, opts)
-    seconds["ict"] = time.perf_counter() - start - sum(seconds.values())
+    for name, run in stages.items():
+        start = time.perf_counter()
+        run(_common(out / name, steps[name], device, progress))
+        seconds[name] = time.perf_counter() - start
     return seconds
 
 
@@ -57,11 +59,10 @@ def quickstart(out: Path, scale: float = 1.0, device: str = "cpu", progress: boo
     """Run the whole pipeline and write the comparison PNG and report; returns the report."""
     out.mkdir(parents=True, exist_ok=True)
     seconds = train_all(out, scale, device, progress)
-    held_out = None
+    held_out = recipes.held_out_data(load_config(out / "teacher"))
     panels, rows = [], []
     for title, run, options, nfe in SAMPLERS:
         model = load_model(str(out / run), device)
-        held_out = recipes.held_out_data(model.config) if held_out is None else held_out
         x = generate(model, 500, seed=0, **options)
         panels.append((f"{title} ({nfe} NFE)", image_grid((model.scaler.to_model(x[:64]) + 1) / 2)))
         rows.append((title, nfe, energy_distance(x, held_out)))

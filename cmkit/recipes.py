@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from cmkit import data as datalib
 from cmkit.errors import UserError
@@ -65,20 +66,19 @@ def _build(net_spec: dict):
 
 def default_network(shape: tuple[int, ...], overrides: dict | None = None) -> dict:
     """An MLP for vectors, a small UNet for images (two levels, or three from 32 px up)."""
-    spec = _default_network(shape)
+    if len(shape) == 1:
+        spec = {"type": "mlp", "kwargs": {"dim": shape[0], "hidden": 256, "depth": 4}}
+    else:
+        channels, height, width = shape
+        deep = min(height, width) >= 32 and height % 4 == 0 and width % 4 == 0
+        kwargs = {
+            "in_channels": channels,
+            "channels": 32,
+            "channel_mult": [1, 2, 2] if deep else [1, 2],
+        }
+        spec = {"type": "unet", "kwargs": kwargs}
     spec["kwargs"].update(overrides or {})
     return spec
-
-
-def _default_network(shape: tuple[int, ...]) -> dict:
-    if len(shape) == 1:
-        return {"type": "mlp", "kwargs": {"dim": shape[0], "hidden": 256, "depth": 4}}
-    channels, height, width = shape
-    mult = [1, 2, 2] if min(height, width) >= 32 and height % 4 == 0 and width % 4 == 0 else [1, 2]
-    return {
-        "type": "unet",
-        "kwargs": {"in_channels": channels, "channels": 32, "channel_mult": mult},
-    }
 
 
 def load_training_data(spec: str, holdout: float) -> tuple[torch.Tensor, dict]:
@@ -173,38 +173,38 @@ def _training_section(common: Common, shape, steps_key: str, **extra) -> dict:
     return section
 
 
+def _from_data(common: Common, data_spec: str) -> tuple[torch.Tensor, dict, dict, nn.Module]:
+    """Seeded start of a run trained on data: training split, data section, network spec, net."""
+    torch.manual_seed(common.seed)
+    data, section = load_training_data(data_spec, common.holdout)
+    net_spec = default_network(tuple(section["shape"]), common.network)
+    return data, section, net_spec, _build(net_spec)
+
+
+def _run_config(kind, common, proc, net_spec, section, steps_key, sampling, **training) -> dict:
+    """The config.json of a run: everything needed to rebuild its model and sampler."""
+    return {
+        "kind": kind,
+        "process": proc.to_dict(),
+        "network": net_spec,
+        "data": section,
+        "training": _training_section(common, section["shape"], steps_key, **training),
+        "sampling": sampling,
+    }
+
+
 def teacher_run(
     common: Common, data_spec: str, process: str = "edm", process_kwargs: dict | None = None
 ) -> Path:
     """Train an EDM denoiser or a flow-matching velocity field: the baseline and CD teacher."""
-    torch.manual_seed(common.seed)
     proc = make_process(process, **(process_kwargs or {}))
-    data, data_section = load_training_data(data_spec, common.holdout)
-    net_spec = default_network(tuple(data_section["shape"]), common.network)
-    net = _build(net_spec)
-    config = {
-        "kind": "teacher",
-        "process": proc.to_dict(),
-        "network": net_spec,
-        "data": data_section,
-        "training": _training_section(common, data_section["shape"], "teacher_steps"),
-        "sampling": {"solver": "heun", "steps": 18},
-    }
+    data, section, net_spec, net = _from_data(common, data_spec)
+    sampling = {"solver": "heun", "steps": 18}
+    config = _run_config("teacher", common, proc, net_spec, section, "teacher_steps", sampling)
     online = proc.denoiser(net)
     state = _start(common, config, online, None, net)
     loss = edm_loss if process == "edm" else flow_matching_loss
     return _fit(common, config, state, data, lambda f, _t, x0, _k, g: loss(f, x0, g), None)
-
-
-def _consistency_config(common, net_spec, proc, data_section, steps_key, **training) -> dict:
-    return {
-        "kind": "consistency",
-        "process": proc.to_dict(),
-        "network": net_spec,
-        "data": data_section,
-        "training": _training_section(common, data_section["shape"], steps_key, **training),
-        "sampling": {"times": {}},
-    }
 
 
 def distill_run(
@@ -235,12 +235,14 @@ def distill_run(
     net = build_network(net_spec)
     if init_from_teacher:
         net.load_state_dict(teacher_net.state_dict())
-    config = _consistency_config(
+    config = _run_config(
+        "consistency",
         common,
-        net_spec,
         proc,
+        net_spec,
         section,
         "cm_steps",
+        {"times": {}},
         recipe="cd",
         teacher=str(Path(teacher_dir).resolve()),
         solver=solver,
@@ -322,12 +324,11 @@ def _ct_loss(opts: CTOptions, proc: Process, steps: int, shape: list[int]):
 
 def ct_run(common: Common, data_spec: str, opts: CTOptions) -> Path:
     """Consistency training from data alone, with the EMA target θ⁻ and the N(k)/μ(k) curriculum."""
-    torch.manual_seed(common.seed)
     proc = make_process(opts.process, **opts.edm)
-    data, section = load_training_data(data_spec, common.holdout)
-    net_spec = default_network(tuple(section["shape"]), common.network)
-    net = _build(net_spec)
-    config = _consistency_config(common, net_spec, proc, section, "cm_steps", **asdict(opts))
+    data, section, net_spec, net = _from_data(common, data_spec)
+    config = _run_config(
+        "consistency", common, proc, net_spec, section, "cm_steps", {"times": {}}, **asdict(opts)
+    )
     loss, curriculum = _ct_loss(opts, proc, config["training"]["steps"], section["shape"])
     online, target = proc.consistency(net), proc.consistency(copy.deepcopy(net))
     state = _start(common, config, online, target, net)
