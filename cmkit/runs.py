@@ -98,6 +98,18 @@ def load_config(run_dir: str | Path, kind: str | None = None) -> dict:
     return config
 
 
+def store_times(run_dir: str | Path, steps: int, times: list[float], note: dict) -> None:
+    """Record tuned intermediate times, which `steps`-step sampling then uses by default.
+
+    Training that resumes rewrites config.json and drops them: they belong to these weights.
+    """
+    config = load_config(run_dir, "consistency")
+    sampling = config.setdefault("sampling", {})
+    sampling.setdefault("times", {})[str(steps)] = times
+    sampling.setdefault("tuning", {})[str(steps)] = note
+    save_json(Path(run_dir) / "config.json", config)
+
+
 def load_weights(module: nn.Module, path: Path) -> None:
     """Load safetensors weights, refusing files that do not match the architecture."""
     if not path.is_file():
