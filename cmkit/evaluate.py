@@ -26,9 +26,11 @@ from cmkit.metrics import (
     mmd_rbf,
     sliced_wasserstein,
 )
+from cmkit.sampling import check_times
 from cmkit.solvers import nfe as count_nfe
 
 MMD_POINTS = 2000  # MMD and precision/recall cost O(n²) memory: score on this many per side
+REFERENCE_POINTS = 5000  # a larger reference set is subsampled (seeded) to this size
 
 
 @dataclass
@@ -89,6 +91,9 @@ def make_scorer(model: Model, reference: np.ndarray, features: str | None = None
         )
     if len(reference) < 10:
         raise UserError(f"reference data has {len(reference)} samples; expected at least 10")
+    if len(reference) > REFERENCE_POINTS:
+        keep = np.random.default_rng(0).choice(len(reference), REFERENCE_POINTS, replace=False)
+        reference = reference[np.sort(keep)]
     images = len(model.shape) == 3
     if features is not None and not images:
         raise UserError("--features applies to image data; vectors are scored directly")
@@ -184,20 +189,28 @@ def _golden_min(fn, lo: float, hi: float, iters: int) -> tuple[float, float]:
 
 
 def tune_times(
-    model: Model, scorer: Scorer, steps: int, n: int, seed: int = 0, iters: int = 12
+    model: Model,
+    scorer: Scorer,
+    steps: int,
+    n: int,
+    seed: int = 0,
+    iters: int = 12,
+    start: list[float] = (),
 ) -> tuple[list[float], float]:
     """Greedy search of τ₁ > τ₂ > … for `steps`-step sampling: each τ in turn minimises the
     scorer's primary metric with the earlier ones fixed (Song et al. 2023 tuned 2-step τ by
-    ternary search on FID). EDM times are searched in log σ. Returns (times, best metric)."""
+    ternary search on FID); `start` holds leading times already tuned. EDM times are searched
+    in log σ. Returns (times, best metric)."""
     if model.kind == "teacher":
         raise UserError("tune-times applies to consistency runs; a teacher has no τ to tune")
     if steps < 2:
         raise UserError(f"--steps must be >= 2 to have an intermediate time, got {steps}")
     proc = model.process
     to_u, from_u = (math.log, math.exp) if proc.name == "edm" else (float, float)
-    times: list[float] = []
+    times = list(start)
+    check_times(proc, times)
     best = math.nan
-    for _ in range(steps - 1):
+    for _ in range(steps - 1 - len(times)):
         upper = times[-1] if times else proc.t_max
 
         def metric(u: float) -> float:

@@ -3,10 +3,11 @@
 `digitsnet` is a small classifier trained on the built-in digits' training split; its
 weights ship in the package and `scripts/train_digitsnet.py` reproduces them. `pixels` uses
 the raw pixels. `inception` is the standard FID network, where the user has its weights;
-a path loads the user's own TorchScript module. Metrics are named after the features:
-only Inception features make an "FID".
+a path loads the user's own TorchScript (or torch.export .pt2) module. Metrics are named
+after the features: only Inception features make an "FID".
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,11 @@ class _Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x).flatten(1)
+
+
+def named_extractor(net: SmallClassifier, name: str) -> nn.Module:
+    """A trained classifier's features as an extractor whose metrics carry `name`."""
+    return _Features(net.features, net.num_features, name)
 
 
 def train_classifier(
@@ -126,7 +132,12 @@ def _inception() -> nn.Module:
 
 def _torchscript(path: Path, shape: tuple[int, ...]) -> nn.Module:
     try:
-        module = torch.jit.load(str(path), map_location="cpu").eval()
+        if path.suffix == ".pt2":
+            module = torch.export.load(str(path)).module()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript still loads
+                module = torch.jit.load(str(path), map_location="cpu").eval()
         with torch.no_grad():
             probe = module(torch.full((2, *shape), 0.5))
     except Exception as err:  # a file that is not TorchScript, or that rejects our images
@@ -147,8 +158,7 @@ def make_extractor(name: str | None, shape: tuple[int, ...]) -> nn.Module:
             raise UserError(
                 f"--features digitsnet reads 1x8x8 images, got {'x'.join(map(str, shape))}"
             )
-        net = load_digitsnet()
-        return _Features(net.features, net.num_features, "digitsnet")
+        return named_extractor(load_digitsnet(), "digitsnet")
     if name == "pixels":
         return _Features(lambda x: x, int(np.prod(shape)), "pixels")
     if name == "inception":
