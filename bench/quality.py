@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from benchmarks_md import write_section  # noqa: E402
 
 from cmkit.evaluate import Scorer, evaluate, held_out, make_scorer, training_split, tune_times  # noqa: E402
 from cmkit.features import named_extractor, train_classifier  # noqa: E402
@@ -29,7 +30,6 @@ from cmkit.runs import store_times  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
-MARK_BEGIN, MARK_END = "<!-- quality:begin -->", "<!-- quality:end -->"
 TEACHER_NFE = [1, 2, 4, 8, 18, 35]
 CM_STEPS = [1, 2, 4]
 
@@ -154,7 +154,6 @@ def markdown(result: dict) -> list[str]:
 
 def write(results: list[dict], command: str) -> None:
     body = [
-        MARK_BEGIN,
         f"Measured {datetime.date.today()} on 2 CPU cores with `{command}`.",
         "Targets: Q1 = metric(CD 1 step) / metric(teacher Heun 35) ≤ 1.10, Q2 (2 steps) ≤ 1.00.",
         "Plot: ![quality against NFE](bench/quality.png)",
@@ -162,17 +161,9 @@ def write(results: list[dict], command: str) -> None:
     ]
     for result in results:
         body += markdown(result)
-    body.append(MARK_END)
     table = "\n".join(body)
     print(table)
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + table + rest.split(MARK_END, 1)[1]
-    else:
-        text += "\n## Quality against network evaluations\n\n" + table + "\n"
-    path.write_text(text)
+    write_section("quality", "Quality against network evaluations", table)
 
 
 def main() -> None:

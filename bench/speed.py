@@ -2,11 +2,11 @@
 
 Times, interleaved round by round on the same network (the default digits UNet, or a run's):
 a bare network forward on precomputed inputs; cmkit's one-step sampler; cmkit's end-to-end
-`generate`; the teacher's Heun sampler at 35 evaluations; and, when diffusers is installed
-and the run has a diffusers backbone, diffusers' ConsistencyModelPipeline on the same network.
+`generate`; the teacher's Heun sampler at 35 evaluations; and, with `--backbone
+diffusers-unet` (or such a run), diffusers' ConsistencyModelPipeline on the same network.
 Reports images per second and ratios (medians over rounds), and writes them to BENCHMARKS.md.
 
-    python bench/speed.py [--model RUN] [--rounds 30]
+    python bench/speed.py [--backbone builtin|diffusers-unet | --model RUN] [--rounds 30]
 """
 
 import argparse
@@ -14,10 +14,11 @@ import datetime
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from benchmarks_md import write_section
 
+from cmkit.data import Scaler
 from cmkit.generate import Model, generate, load_model
 from cmkit.param import consistency_scalings
 from cmkit.process import EDMProcess
@@ -25,15 +26,10 @@ from cmkit.recipes import default_network
 from cmkit.runs import build_network
 from cmkit.sampling import sample_ode, sample_onestep
 
-ROOT = Path(__file__).resolve().parent.parent
-MARK_BEGIN, MARK_END = "<!-- speed:begin -->", "<!-- speed:end -->"
 
-
-def default_model() -> Model:
-    """An untrained default digits UNet: speed does not depend on the weights."""
-    from cmkit.data import Scaler
-
-    spec = default_network((1, 8, 8))
+def default_model(backbone: str) -> Model:
+    """An untrained default digits network: speed does not depend on the weights."""
+    spec = default_network((1, 8, 8), backbone=backbone)
     config = {"kind": "consistency", "network": spec, "data": {"shape": [1, 8, 8]}}
     process = EDMProcess()
     torch.manual_seed(0)
@@ -55,8 +51,8 @@ def variants(model: Model, batch: int) -> dict[str, Callable[[], object]]:
         "cmkit generate()": lambda: generate(model, batch, seed=0),
         "teacher Heun 35": lambda: sample_ode(teacher, proc, z, 18, "heun"),
     }
-    pipe = diffusers_pipeline(model)
-    if pipe is not None:
+    if model.config["network"]["type"] == "diffusers-unet":
+        pipe = pipeline(model)
         gen = torch.Generator()
         out["diffusers pipeline"] = lambda: pipe(
             batch_size=batch, num_inference_steps=1, generator=gen.manual_seed(0), output_type="pt"
@@ -64,22 +60,25 @@ def variants(model: Model, batch: int) -> dict[str, Callable[[], object]]:
     return out
 
 
-def diffusers_pipeline(model: Model):
-    """diffusers' pipeline around the same network, where the run exports to diffusers."""
-    try:
-        from cmkit.export import to_pipeline
-    except ImportError:
-        return None
-    try:
-        pipe = to_pipeline(model)
-    except Exception:  # noqa: BLE001  the run cannot be exported (e.g. the built-in UNet)
-        return None
+def pipeline(model: Model):
+    """diffusers' ConsistencyModelPipeline around the model's own UNet2DModel."""
+    import diffusers
+
+    proc = model.process
+    scheduler = diffusers.CMStochasticIterativeScheduler(
+        num_train_timesteps=40,
+        sigma_min=proc.sigma_min,
+        sigma_max=proc.sigma_max,
+        sigma_data=proc.sigma_data,
+        rho=proc.rho,
+    )
+    pipe = diffusers.ConsistencyModelPipeline(unet=model.fn.net.unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.no_grad()
-def measure(fns: dict[str, Callable], rounds: int, min_seconds: float = 0.05) -> dict[str, float]:
+def measure(fns: dict[str, Callable], rounds: int, min_seconds: float = 0.2) -> dict[str, float]:
     """Median seconds per call of each fn; the fns take turns in every round."""
     reps = {}
     for name, fn in fns.items():  # warm up, and pick repetitions filling min_seconds
@@ -101,7 +100,6 @@ def measure(fns: dict[str, Callable], rounds: int, min_seconds: float = 0.05) ->
 
 def report(results: dict[int, dict[str, float]], command: str, label: str) -> str:
     lines = [
-        MARK_BEGIN,
         f"Measured {datetime.date.today()} on 2 CPU cores with `{command}` ({label}).",
         "Medians over interleaved rounds; ratios are what to trust on this noisy machine.",
         "",
@@ -123,36 +121,33 @@ def report(results: dict[int, dict[str, float]], command: str, label: str) -> st
             pipe = times["diffusers pipeline"]
             line += f"; diffusers pipeline overhead {100 * (pipe / bare - 1):.1f}%"
         lines.append(line)
-    lines.append(MARK_END)
     return "\n".join(lines)
-
-
-def write(table: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + table + rest.split(MARK_END, 1)[1]
-    else:
-        text += "\n## Sampling speed\n\n" + table + "\n"
-    path.write_text(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="a consistency run (default: untrained digits UNet)")
+    parser.add_argument("--model", help="a consistency run (default: untrained digits network)")
+    parser.add_argument(
+        "--backbone",
+        default="builtin",
+        choices=["builtin", "diffusers-unet"],
+        help="network of the default model; diffusers-unet adds diffusers' pipeline",
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--batches", default="1,64")
     args = parser.parse_args()
-    model = load_model(args.model) if args.model else default_model()
-    label = f"run {args.model}" if args.model else "default digits UNet, 1×8×8"
+    model = load_model(args.model) if args.model else default_model(args.backbone)
+    label = f"run {args.model}" if args.model else f"untrained {args.backbone} digits network"
     results = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         results[batch] = measure(variants(model, batch), args.rounds)
-    command = "python bench/speed.py" + (f" --model {args.model}" if args.model else "")
+    command = "python bench/speed.py " + (
+        f"--model {args.model}" if args.model else f"--backbone {args.backbone}"
+    )
     table = report(results, command, label)
     print(table)
-    write(table)
+    key = "speed-model" if args.model else f"speed-{args.backbone}"
+    write_section(key, f"Sampling speed ({label})", table)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,12 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
             default={},
             help="network settings, e.g. '{\"hidden\": 512}' or '{\"channels\": 64}'",
         )
+    p.add_argument(
+        "--backbone",
+        choices=recipes.BACKBONES,
+        help="image network: builtin UNet (default; distill: the teacher's) or diffusers-unet "
+        "(a diffusers UNet2DModel, needed by export-diffusers; pip install 'cmkit[diffusers]')",
+    )
     _add_device(p)
 
 
@@ -217,6 +223,23 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=int, default=2, help="sampling steps to tune (>= 2)")
     p.add_argument("--iters", type=int, default=12, help="golden-section iterations per time")
 
+    p = sub.add_parser(
+        "export-diffusers", help="write a consistency run as a diffusers ConsistencyModelPipeline"
+    )
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="consistency run trained with --backbone diffusers-unet")
+    p.add_argument("--out", help="new folder for the pipeline")
+    p.add_argument(
+        "--num-train-timesteps",
+        type=int,
+        help="N of the scheduler's Karras grid (default: the run's final training N)",
+    )
+
+    p = sub.add_parser("import-diffusers", help="turn a ConsistencyModelPipeline folder into a run")
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--pipeline", help="folder written by save_pretrained or export-diffusers")
+    p.add_argument("--out", help="run directory to create")
+
     p = sub.add_parser("quickstart", help="the whole pipeline on digits in minutes")
     p.add_argument("--config", help="TOML or JSON file of options")
     p.add_argument("--out", default="quickstart", help="directory for runs and results")
@@ -337,6 +360,7 @@ def _common(args: argparse.Namespace) -> recipes.Common:
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
         network=getattr(args, "network", {}),
+        backbone=args.backbone,
     )
 
 
@@ -476,6 +500,26 @@ def cmd_tune_times(args: argparse.Namespace) -> None:
     print(f"{args.steps}-step times {shown}: {scorer.primary} {best:.4g}; stored in {args.model}")
 
 
+def cmd_export_diffusers(args: argparse.Namespace) -> None:
+    from cmkit.diffusers_io import export_pipeline, pipeline_calls
+
+    _require(args, "model", "out")
+    model, n = export_pipeline(args.model, args.out, args.num_train_timesteps)
+    side = model.shape[-1]
+    print(f"wrote a {side}x{side} ConsistencyModelPipeline (N = {n}) to {args.out}; with")
+    print("  pipe = ConsistencyModelPipeline.from_pretrained(OUT)")
+    print("  g = torch.Generator().manual_seed(S)")
+    for line in pipeline_calls(model, n):
+        print(f"  {line}")
+
+
+def cmd_import_diffusers(args: argparse.Namespace) -> Path:
+    from cmkit.diffusers_io import import_pipeline
+
+    _require(args, "pipeline", "out")
+    return import_pipeline(args.pipeline, args.out)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from cmkit.quickstart import quickstart
 
@@ -492,6 +536,8 @@ COMMANDS = {
     "eval": cmd_eval,
     "tune-times": cmd_tune_times,
     "quickstart": cmd_quickstart,
+    "export-diffusers": cmd_export_diffusers,
+    "import-diffusers": cmd_import_diffusers,
 }
 
 
