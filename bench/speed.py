@@ -30,7 +30,7 @@ from cmkit.sampling import sample_ode, sample_onestep
 def default_model(backbone: str) -> Model:
     """An untrained default digits network: speed does not depend on the weights."""
     spec = default_network((1, 8, 8), backbone=backbone)
-    config = {"kind": "consistency", "network": spec, "data": {"shape": [1, 8, 8]}}
+    config = {"kind": "consistency", "network": spec, "data": {"shape": [1, 8, 8]}, "sampling": {}}
     process = EDMProcess()
     torch.manual_seed(0)
     net = build_network(spec).eval()
