@@ -4,7 +4,7 @@ For each data set, trains (or reuses, in --runs) a teacher, its CD student and a
 the library's default recipe, tunes the CMs' multistep times on the training split, and scores
 every sampler against the held-out split: teacher Euler and Heun at 1–35 evaluations, CD and
 iCT at 1, 2 and 4 steps. Writes the tables and Q1/Q2 into BENCHMARKS.md between markers and
-a plot of metric against NFE to bench/quality.png.
+a plot of metric against NFE to bench/quality-<data>.png, one section per data set.
 
     python bench/quality.py [--data digits,moons,8gaussians] [--runs bench_runs/quality]
     python bench/quality.py --data mnist     # MNIST from ../shared/data/mnist.npz (slow)
@@ -12,6 +12,7 @@ a plot of metric against NFE to bench/quality.png.
 
 import argparse
 import datetime
+import json
 import time
 from pathlib import Path
 
@@ -63,7 +64,11 @@ def tune(run_dir: Path, scorer: Scorer, n: int) -> dict[str, list[float]]:
 def run_data(name: str, runs: Path, scale: float, n: int | None) -> dict:
     spec = str(MNIST) if name == "mnist" else name
     out = runs / name
-    seconds = train_all(out, scale, "cpu", progress=False, data=spec)
+    train_all(out, scale, "cpu", progress=False, data=spec)
+    seconds = {  # training time as recorded by each run, so reused runs report it too
+        run: json.loads((out / run / "state.json").read_text())["seconds"]
+        for run in ("teacher", "cd", "ict")
+    }
     teacher = load_model(str(out / "teacher"))
     scorer, tune_scorer = scorers(name, teacher)
     n = n or (2000 if len(teacher.shape) == 3 else 5000)
@@ -98,22 +103,21 @@ def ratios(result: dict) -> dict[str, float]:
     }
 
 
-def plot(results: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, result in zip(axes[0], results, strict=True):
-        key = result["primary"]
-        for prefix, style in [("teacher euler", "o--"), ("teacher heun", "s--"),
-                              ("CD", "o-"), ("ICT", "^-")]:  # fmt: skip
-            rows = [r for r in result["rows"] if r["sampler"].startswith(prefix)]
-            ax.plot([r["nfe"] for r in rows], [r[key] for r in rows], style, label=prefix)
-        floor = result["rows"][0][key]
-        ax.axhline(floor, color="grey", lw=0.8, ls=":", label="real data")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("network evaluations (NFE)")
-        ax.set_ylabel(key + " (lower is better)")
-        ax.set_title(result["name"])
-        ax.legend(fontsize=8)
+def plot(result: dict, path: Path) -> None:
+    """Headline metric against NFE (log-log), with the real-data floor."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    key = result["primary"]
+    for prefix, style in [("teacher euler", "o--"), ("teacher heun", "s--"),
+                          ("CD", "o-"), ("ICT", "^-")]:  # fmt: skip
+        rows = [r for r in result["rows"] if r["sampler"].startswith(prefix)]
+        ax.plot([r["nfe"] for r in rows], [r[key] for r in rows], style, label=prefix)
+    ax.axhline(result["rows"][0][key], color="grey", lw=0.8, ls=":", label="real data")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel(key + " (lower is better)")
+    ax.set_title(result["name"])
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -152,18 +156,20 @@ def markdown(result: dict) -> list[str]:
     return lines
 
 
-def write(results: list[dict], command: str) -> None:
+def write(result: dict, command: str, plot_path: str) -> None:
+    """One BENCHMARKS.md section per data set, each with the command that produced it."""
     body = [
-        f"Measured {datetime.date.today()} on 2 CPU cores with `{command}`.",
+        f"Measured {datetime.date.today()} on 2 CPU cores with `{command}`. "
         "Targets: Q1 = metric(CD 1 step) / metric(teacher Heun 35) ≤ 1.10, Q2 (2 steps) ≤ 1.00.",
-        "Plot: ![quality against NFE](bench/quality.png)",
         "",
+        f"![{result['name']}: quality against NFE]({plot_path})",
+        "",
+        *markdown(result)[2:],
     ]
-    for result in results:
-        body += markdown(result)
     table = "\n".join(body)
     print(table)
-    write_section("quality", "Quality against network evaluations", table)
+    heading = f"Quality against network evaluations: {result['name']}"
+    write_section(f"quality-{result['name']}", heading, table)
 
 
 def main() -> None:
@@ -174,13 +180,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, help="samples per evaluation")
     args = parser.parse_args()
     start = time.perf_counter()
-    names = [d for d in args.data.split(",") if d]
-    results = [run_data(name, Path(args.runs), args.scale, args.n) for name in names]
-    plot(results, ROOT / "bench" / "quality.png")
-    command = "python bench/quality.py --data " + args.data
-    if args.scale != 1.0:
-        command += f" --scale {args.scale}"
-    write(results, command)
+    for name in [d for d in args.data.split(",") if d]:
+        result = run_data(name, Path(args.runs), args.scale, args.n)
+        plot_path = f"bench/quality-{name}.png"
+        plot(result, ROOT / plot_path)
+        command = f"python bench/quality.py --data {name}"
+        command += f" --scale {args.scale}" if args.scale != 1.0 else ""
+        command += f" --n {args.n}" if args.n else ""
+        write(result, command, plot_path)
     print(f"total {(time.perf_counter() - start) / 60:.1f} min")
 
 
