@@ -177,7 +177,14 @@ def _denoise(model: Model, ys, opts, gen):
             "denoise needs data with one scale for all dimensions; this run scales each "
             "dimension differently, so one noise level in your units is several in the model's"
         )
-    return y, editing.denoise(model.fn, model.process, y, opts.sigma / scales.pop())
+    scale = scales.pop()
+    lo, hi = model.process.t_min * scale, model.process.t_max * scale
+    if model.process.name == "edm" and not lo < opts.sigma <= hi:
+        raise UserError(
+            f"--sigma {opts.sigma:g} is outside ({lo:g}, {hi:g}], this run's noise levels in "
+            "the data's units"
+        )
+    return y, editing.denoise(model.fn, model.process, y, opts.sigma / scale)
 
 
 def _interpolate(model: Model, ys, opts, gen):

@@ -71,8 +71,9 @@ def edit(
     noises: list[torch.Tensor],
     impose: Transform = _identity,
 ) -> torch.Tensor:
-    """Algorithm 4 of Song et al. 2023: x ← f(x_init + τ₁·z, τ₁), then for each later τ
-    re-noise to τ and denoise again, applying `impose` (keep the known part) after every step.
+    """Algorithm 4 of Song et al. 2023: x ← f(x_init + τ₁·z, τ₁) (flow: (1 − τ₁)·x_init + τ₁·z),
+    then for each later τ re-noise to τ and denoise again, applying `impose` (keep the known
+    part) after every step.
 
     With a Constraint c: `edit(f, process, c.start(), times, noises, c.impose)`. With the
     identity and a rough image at a middle τ₁ it is SDEdit. The first step starts from the
@@ -83,8 +84,8 @@ def edit(
     check_edit_times(process, times)
     if len(noises) != len(times):
         raise ValueError(f"need one noise per time, got {len(noises)} for {len(times)}")
-    tau = torch.tensor(times[0], dtype=x_init.dtype, device=x_init.device)
-    x = impose(f(process.perturb(x_init, tau, noises[0]), times[0]))
+    tau_1 = torch.tensor(times[0], dtype=x_init.dtype, device=x_init.device)
+    x = impose(f(process.perturb(x_init, tau_1, noises[0]), times[0]))
     for tau, z in zip(times[1:], noises[1:], strict=True):
         x = impose(f(process.renoise(x, tau, z), tau))
     return x

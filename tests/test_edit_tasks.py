@@ -1,5 +1,9 @@
 """`cmkit edit` on tiny runs: units and files, determinism under a seed, one-line errors."""
 
+import re
+import shlex
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -250,3 +254,17 @@ def test_bad_edits_give_one_line_and_exit_2(runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1, (name, err)
         assert err.startswith("cmkit: error:") and needle in err, (name, err)
+
+
+def test_readme_editing_example_runs(tmp_path, monkeypatch):
+    """The README's editing command chain, with the training shortened to a few steps."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Editing", 1)[1]
+    (chain,) = re.findall(r"```bash\n(.*?)\n```", section.split("\n## ", 1)[0], re.S)
+    monkeypatch.chdir(tmp_path)
+    for command in chain.split("&&"):
+        args = shlex.split(command)
+        assert args[0] == "cmkit"
+        extra = TINY if args[1] == "train" else []
+        assert run_cli(*args[1:], *extra) == 0, command
+    assert np.load(tmp_path / "filled.npy").shape == (4, 1, 8, 8)
