@@ -13,9 +13,9 @@ markers.
 
 import argparse
 import datetime
-from pathlib import Path
 
 import numpy as np
+from benchmarks_md import write_section
 
 from cmkit.data import load_data, split_holdout
 from cmkit.edit_tasks import EditOptions, run_task
@@ -23,8 +23,6 @@ from cmkit.editing import builtin_mask
 from cmkit.generate import load_model
 from cmkit.recipes import held_out_data
 
-ROOT = Path(__file__).resolve().parent.parent
-MARK_BEGIN, MARK_END = "<!-- editing:begin -->", "<!-- editing:end -->"
 STEPS = (1, 2, 4)
 
 
@@ -109,7 +107,6 @@ def main() -> None:
 def write_table(rows, n: int, args) -> None:
     times = ",".join(f"{t:g}" for t in args.times)
     lines = [
-        MARK_BEGIN,
         f"Measured {datetime.date.today()} with `python bench/editing.py --model {args.model} "
         f"--seeds {args.seeds} --times {times}` (2 CPU cores).",
         f"RMSE in pixel units (0..16) against the {n} held-out digits, over the filled pixels "
@@ -125,17 +122,9 @@ def write_table(rows, n: int, args) -> None:
         base = "<br>".join(f"{b}: {e:.2f}" for b, e in baselines)
         cells = [f"{m:.2f} ± {s:.2f} ({avg:.2f})" for m, s, avg in edits]
         lines.append(f"| {title} | {base} | " + " | ".join(cells) + " |")
-    lines.append(MARK_END)
     table = "\n".join(lines)
     print(table)
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + table + rest.split(MARK_END, 1)[1]
-    else:
-        text += "\n## Zero-shot editing on held-out digits\n\n" + table + "\n"
-    path.write_text(text)
+    write_section("editing", "Zero-shot editing on held-out digits", table)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -75,6 +84,12 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
             default={},
             help="network settings, e.g. '{\"hidden\": 512}' or '{\"channels\": 64}'",
         )
+    p.add_argument(
+        "--backbone",
+        choices=recipes.BACKBONES,
+        help="image network: builtin UNet (default; distill: the teacher's) or diffusers-unet "
+        "(a diffusers UNet2DModel, needed by export-diffusers; pip install 'cmkit[diffusers]')",
+    )
     _add_device(p)
 
 
@@ -84,6 +99,23 @@ def _add_process(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma-max", type=float, default=80.0, help="edm: T = σ_max")
     p.add_argument("--rho", type=float, default=7.0, help="edm: Karras grid exponent ρ")
     p.add_argument("--sigma-data", type=float, default=0.5, help="edm: σ_data")
+
+
+def _add_scoring(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="run directory")
+    p.add_argument(
+        "--data",
+        help="reference data (default: the run's held-out split; tune-times: its training split)",
+    )
+    p.add_argument(
+        "--features",
+        help="image features: digitsnet (default for 1x8x8), pixels (default otherwise), "
+        "inception (needs its weights locally), or a TorchScript file",
+    )
+    p.add_argument("--n", type=int, help="samples per evaluation (default 5000; images 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
 
 
 def _edm_kwargs(args: argparse.Namespace) -> dict:
@@ -175,6 +207,40 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
 
+    p = sub.add_parser("eval", help="score a run's samples against held-out data at each NFE")
+    _add_scoring(p)
+    p.add_argument(
+        "--nfe",
+        type=_ints,
+        help="network evaluations, e.g. 1,2,4 (default: 1,2,4 for a CM; "
+        "1,2,4,8,18,35 with Euler and Heun for a teacher)",
+    )
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+    p = sub.add_parser(
+        "tune-times", help="search the intermediate times of multistep sampling; store them"
+    )
+    _add_scoring(p)
+    p.add_argument("--steps", type=int, default=2, help="sampling steps to tune (>= 2)")
+    p.add_argument("--iters", type=int, default=12, help="golden-section iterations per time")
+
+    p = sub.add_parser(
+        "export-diffusers", help="write a consistency run as a diffusers ConsistencyModelPipeline"
+    )
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="consistency run trained with --backbone diffusers-unet")
+    p.add_argument("--out", help="new folder for the pipeline")
+    p.add_argument(
+        "--num-train-timesteps",
+        type=int,
+        help="N of the scheduler's Karras grid (default: the run's final training N)",
+    )
+
+    p = sub.add_parser("import-diffusers", help="turn a ConsistencyModelPipeline folder into a run")
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--pipeline", help="folder written by save_pretrained or export-diffusers")
+    p.add_argument("--out", help="run directory to create")
+
     p = sub.add_parser(
         "edit",
         help="zero-shot editing with a consistency run: inpaint, colorize, superres, denoise, "
@@ -248,6 +314,7 @@ def _kind_of(action: argparse.Action) -> str:
         int: "an integer",
         float: "a number",
         _floats: "a list of numbers",
+        _ints: "a list of integers",
         _json_object: "a table",
     }
     return names.get(action.type, "a string")
@@ -267,6 +334,8 @@ def _valid_option(action: argparse.Action, value) -> bool:
         ok = _is_number(value)
     elif action.type is _floats:
         ok = isinstance(value, list) and all(_is_number(v) for v in value)
+    elif action.type is _ints:
+        ok = isinstance(value, list) and all(isinstance(v, int) and _is_number(v) for v in value)
     elif action.type is _json_object:
         ok = isinstance(value, dict)
     else:
@@ -322,6 +391,7 @@ def _common(args: argparse.Namespace) -> recipes.Common:
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
         network=getattr(args, "network", {}),
+        backbone=args.backbone,
     )
 
 
@@ -408,6 +478,79 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} samples to {out}")
 
 
+def _scoring(args: argparse.Namespace, reference):
+    """The model, its scorer against `reference(model)` data, and the sample count."""
+    from cmkit.evaluate import make_scorer
+    from cmkit.generate import load_model
+
+    _require(args, "model")
+    model = load_model(args.model, _check_device(args.device))
+    n = args.n or (2000 if len(model.shape) == 3 else 5000)
+    if n < 10:
+        raise UserError(f"--n must be >= 10, got {n}")
+    return model, make_scorer(model, reference(model), args.features), n
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from cmkit.evaluate import evaluate, held_out, markdown_table
+
+    model, scorer, n = _scoring(args, lambda m: held_out(m, args.data))
+    default = [1, 2, 4] if model.kind != "teacher" else [1, 2, 4, 8, 18, 35]
+    rows = evaluate(model, scorer, args.nfe or default, n, args.seed)
+    print(f"{args.model}: {n} samples against {len(scorer.reference)} reference samples")
+    print(markdown_table(rows))
+    if args.json:
+        report = {
+            "model": str(args.model),
+            "kind": model.kind,
+            "reference": args.data or "held-out split",
+            "reference_size": len(scorer.reference),
+            "n": n,
+            "seed": args.seed,
+            "rows": rows,
+        }
+        save_json(Path(args.json), report)
+        print(f"wrote {args.json}")
+
+
+def cmd_tune_times(args: argparse.Namespace) -> None:
+    from cmkit.data import load_data
+    from cmkit.evaluate import training_split, tune_times
+    from cmkit.runs import store_times
+
+    def reference(model):
+        return load_data(args.data) if args.data else training_split(model)
+
+    model, scorer, n = _scoring(args, reference)
+    if args.iters < 1:
+        raise UserError(f"--iters must be >= 1, got {args.iters}")
+    times, best = tune_times(model, scorer, args.steps, n, args.seed, args.iters)
+    note = {"metric": scorer.primary, "value": best, "n": n, "seed": args.seed}
+    store_times(args.model, args.steps, times, note)
+    shown = ", ".join(f"{t:.4g}" for t in times)
+    print(f"{args.steps}-step times {shown}: {scorer.primary} {best:.4g}; stored in {args.model}")
+
+
+def cmd_export_diffusers(args: argparse.Namespace) -> None:
+    from cmkit.diffusers_io import export_pipeline, pipeline_calls
+
+    _require(args, "model", "out")
+    model, n = export_pipeline(args.model, args.out, args.num_train_timesteps)
+    side = model.shape[-1]
+    print(f"wrote a {side}x{side} ConsistencyModelPipeline (N = {n}) to {args.out}; with")
+    print("  pipe = ConsistencyModelPipeline.from_pretrained(OUT)")
+    print("  g = torch.Generator().manual_seed(S)")
+    for line in pipeline_calls(model, n):
+        print(f"  {line}")
+
+
+def cmd_import_diffusers(args: argparse.Namespace) -> Path:
+    from cmkit.diffusers_io import import_pipeline
+
+    _require(args, "pipeline", "out")
+    return import_pipeline(args.pipeline, args.out)
+
+
 def cmd_edit(args: argparse.Namespace) -> None:
     from cmkit.edit_tasks import EditOptions, edit_files
     from cmkit.generate import load_model
@@ -434,8 +577,12 @@ COMMANDS = {
     "distill": cmd_distill,
     "train": cmd_train,
     "sample": cmd_sample,
+    "eval": cmd_eval,
+    "tune-times": cmd_tune_times,
     "edit": cmd_edit,
     "quickstart": cmd_quickstart,
+    "export-diffusers": cmd_export_diffusers,
+    "import-diffusers": cmd_import_diffusers,
 }
 
 

@@ -19,7 +19,7 @@ from cmkit.editing import MASKS, TASKS
 from cmkit.errors import UserError
 from cmkit.generate import Model, cm_times
 from cmkit.plots import image_grid, save_image_grid
-from cmkit.sampling import sample_onestep
+from cmkit.sampling import clip_denoised, sample_onestep
 
 # Network evaluations when neither --steps nor --times is given (see BENCHMARKS.md, editing).
 DEFAULT_STEPS = {"inpaint": 4, "colorize": 4, "superres": 4, "sdedit": 2}
@@ -102,11 +102,18 @@ def edit_times(model: Model, task: str, opts: EditOptions) -> list[float]:
     return [model.process.t_max, *cm_times(model, k, None)]
 
 
+def _f(model: Model):
+    """The consistency function, clamped to [−1, 1] where the run says so, as `generate` does
+    (runs imported from diffusers with clip_denoised)."""
+    clip = model.config["sampling"].get("clip_denoised", False)
+    return clip_denoised(model.fn) if clip else model.fn
+
+
 def _edit(model: Model, task: str, opts, gen, x_init, **impose):
     """Algorithm 4 at the task's times, with one noise per time drawn from `gen`."""
     times = edit_times(model, task, opts)
     noises = [torch.randn(x_init.shape, generator=gen).to(x_init) for _ in times]
-    return editing.edit(model.fn, model.process, x_init, times, noises, **impose)
+    return editing.edit(_f(model), model.process, x_init, times, noises, **impose)
 
 
 def _constrained(model: Model, task: str, opts, gen, c: editing.Constraint):
@@ -192,13 +199,14 @@ def _interpolate(model: Model, ys, opts, gen):
         raise UserError(f"--frames must be >= 2, got {opts.frames}")
     if not ys:  # one pair from the seed; z_a is the noise of `cmkit sample --n 1 --seed S`
         ys = [torch.randn((1, *model.shape), generator=gen) for _ in range(2)]
-    z_a, z_b = (y.to(next(model.fn.parameters()).device) for y in ys)
+    device = next(model.fn.parameters()).device
+    z_a, z_b = (y.to(device) for y in ys)
     _check_shape(z_a, model.shape, "the first noise")
     _check_shape(z_b, model.shape, "the second noise")
     if len(z_a) != len(z_b):
         raise UserError(f"the two noise arrays hold {len(z_a)} and {len(z_b)} samples")
     z = editing.slerp(z_a, z_b, torch.linspace(0, 1, opts.frames)).flatten(0, 1)
-    return None, sample_onestep(model.fn, model.process, z)
+    return None, sample_onestep(_f(model), model.process, z)
 
 
 TASK_FUNCTIONS = {

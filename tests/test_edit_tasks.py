@@ -154,6 +154,15 @@ def test_interpolation_of_given_noises(runs):
         np.testing.assert_allclose(frame, x, atol=1e-6)
 
 
+def test_runs_with_clip_denoised_clamp_f_as_sampling_does(runs):
+    """Runs imported from diffusers with clip_denoised clamp f to [−1, 1] before re-noising."""
+    model = load_model(str(runs / "cm"))
+    z = [1000 * np.random.default_rng(i).standard_normal((1, 1, 8, 8), np.float32) for i in (0, 1)]
+    assert np.abs(run_task(model, "interpolate", z, EditOptions(frames=2)).after).max() > 1
+    model.config["sampling"]["clip_denoised"] = True
+    assert np.abs(run_task(model, "interpolate", z, EditOptions(frames=2)).after).max() <= 1
+
+
 def test_denoise_works_on_a_teacher_and_uses_the_data_units_sigma(runs):
     model = load_model(str(runs / "teacher"))
     y = model.scaler.to_model(np.load(runs / "digits.npy"))
