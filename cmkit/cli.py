@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cmkit import recipes
+from cmkit.editing import TASKS
 from cmkit.errors import UserError
 from cmkit.runs import save_json
 from cmkit.train import TrainingDiverged
@@ -64,7 +65,7 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     if data:
         p.add_argument(
             "--data",
-            help="digits | moons | 8gaussians | checkerboard | swissroll | "
+            help="digits | tinted-digits | moons | 8gaussians | checkerboard | swissroll | "
             "rings | FILE.npy | FILE.npz | image folder",
         )
     p.add_argument("--out", help="run directory to create (or continue with --resume)")
@@ -239,6 +240,36 @@ def build_parser() -> Parser:
     p.add_argument("--config", help="TOML or JSON file of options")
     p.add_argument("--pipeline", help="folder written by save_pretrained or export-diffusers")
     p.add_argument("--out", help="run directory to create")
+
+    p = sub.add_parser(
+        "edit",
+        help="zero-shot editing with a consistency run: inpaint, colorize, superres, denoise, "
+        "interpolate, sdedit",
+    )
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="run directory (a consistency run; a teacher only denoises)")
+    p.add_argument(
+        "--input",
+        action="append",
+        help=".npy/.npz array (N, ...) in the data's units, or an image file; superres: the "
+        "low-resolution image; interpolate: two standard-normal noise arrays (default: from "
+        "--seed)",
+    )
+    p.add_argument("--out", help="FILE.npy or FILE.png, the kind of the input; a _grid.png beside")
+    p.add_argument("--mask", help="inpaint: center | left-half | strokes | FILE (1/white = fill)")
+    p.add_argument("--steps", type=int, help="network evaluations (default 4; sdedit 2)")
+    p.add_argument(
+        "--times",
+        type=_floats,
+        help="editing times τ₁ > τ₂ > … (τ₁ ≤ T: where editing starts; default T and the "
+        "sampling times for --steps)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds all noise (and the strokes mask)")
+    p.add_argument("--factor", type=int, default=2, help="superres: upscaling factor p")
+    p.add_argument("--sigma", type=float, help="denoise: noise level in the data's units")
+    p.add_argument("--frames", type=int, default=8, help="interpolate: frames per pair")
+    _add_device(p)
 
     p = sub.add_parser("quickstart", help="the whole pipeline on digits in minutes")
     p.add_argument("--config", help="TOML or JSON file of options")
@@ -520,6 +551,19 @@ def cmd_import_diffusers(args: argparse.Namespace) -> Path:
     return import_pipeline(args.pipeline, args.out)
 
 
+def cmd_edit(args: argparse.Namespace) -> None:
+    from cmkit.edit_tasks import EditOptions, edit_files
+    from cmkit.generate import load_model
+
+    _require(args, "model", "out")
+    model = load_model(args.model, _check_device(args.device))
+    opts = EditOptions(
+        args.mask, args.steps, args.times, args.seed, args.factor, args.sigma, args.frames
+    )
+    written = edit_files(model, args.task, args.input or [], Path(args.out), opts)
+    print(f"wrote {', '.join(map(str, written))}")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from cmkit.quickstart import quickstart
 
@@ -535,6 +579,7 @@ COMMANDS = {
     "sample": cmd_sample,
     "eval": cmd_eval,
     "tune-times": cmd_tune_times,
+    "edit": cmd_edit,
     "quickstart": cmd_quickstart,
     "export-diffusers": cmd_export_diffusers,
     "import-diffusers": cmd_import_diffusers,
