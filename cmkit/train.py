@@ -59,16 +59,19 @@ def ema_update(average: nn.Module, current: nn.Module, decay: float) -> None:
 
 def weights_finite(state: TrainState) -> bool:
     """True when the online, EMA and target weights hold no NaN or inf (checked before saving)."""
-    modules = [state.online, state.ema] + ([state.target] if state.target is not None else [])
+    modules = (state.online, state.ema, state.target)
     return all(
         bool(torch.isfinite(t).all())
         for module in modules
+        if module is not None
         for t in module.state_dict().values()
         if t.dtype.is_floating_point
     )
 
 
-def optimiser_step(state: TrainState, loss_fn: Callable, x0: torch.Tensor, grad_clip: float):
+def optimiser_step(
+    state: TrainState, loss_fn: Callable, x0: torch.Tensor, grad_clip: float
+) -> tuple[float, str | None]:
     """(loss, None) after one clipped Adam step, or (loss, reason) when the loss or the gradient
     is NaN/inf and no step was taken: nothing non-finite ever reaches the weights."""
     loss = loss_fn(state.online, state.target, x0, state.step, state.generator)
@@ -94,10 +97,8 @@ def stop_on_sigint() -> Iterator[threading.Event]:
     """
     stop = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous in (
-        signal.SIG_IGN,
-        None,
-    ):
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not main_thread or previous in (signal.SIG_IGN, None):  # None: set outside Python
         yield stop
         return
 
