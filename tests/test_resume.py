@@ -113,16 +113,15 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
-    args = [*COMMANDS["ict"], "--steps", 24, "--batch-size", "16", "--no-progress"]
-    args += ["--checkpoint-every", "3"]
-    proc = _start([*args, "--out", tmp_path / "killed"], tmp_path)
+    """The killed process checkpoints every step (which does not change the results), so it is
+    slow enough to be caught mid-run and the kill most likely lands inside a checkpoint write."""
+    args = [*COMMANDS["ict"], "--steps", 200, "--batch-size", "16", "--no-progress"]
+    proc = _start([*args, "--checkpoint-every", 1, "--out", tmp_path / "killed"], tmp_path)
     _wait_for_checkpoint(proc, tmp_path / "killed")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    done = json.loads((tmp_path / "killed" / "state.json").read_text())["step"]
-    assert 3 <= done < 24  # killed mid-run, after at least one checkpoint
-    assert cli(*args, "--out", tmp_path / "killed", "--resume") == 0
+    assert cli(*args, "--out", tmp_path / "killed", "--resume") == 0  # finishes the commit
     assert cli(*args, "--out", tmp_path / "straight") == 0
     assert_identical(tmp_path / "straight", tmp_path / "killed")
 
