@@ -17,13 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchmarks_md import write_section
 
 from cmkit.generate import generate, load_model
 from cmkit.metrics import energy_distance
 from cmkit.recipes import held_out_data
-
-ROOT = Path(__file__).resolve().parent.parent
-MARK_BEGIN, MARK_END = "<!-- core_ratio:begin -->", "<!-- core_ratio:end -->"
 
 
 def pinwheel(n: int = 50_000, arms: int = 5, seed: int = 123) -> np.ndarray:
@@ -78,7 +76,6 @@ def main() -> None:
 def write_table(rows, seconds, n_ref: int, args) -> None:
     teacher = rows[0][1]
     lines = [
-        MARK_BEGIN,
         f"Measured {datetime.date.today()} with `python bench/core_ratio.py --seeds {args.seeds}"
         f" --n {args.n}` (default settings of every command, 2 CPU cores).",
         f"Energy distance of {args.n} samples to the {n_ref} held-out points (mean ± sd over "
@@ -89,19 +86,12 @@ def write_table(rows, seconds, n_ref: int, args) -> None:
         *[f"| {t} | {m:.5f} ± {s:.5f} | {m / teacher:.2f} |" for t, m, s in rows],
         "",
         "Training time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".",
-        MARK_END,
     ]
     table = "\n".join(lines)
     print(table)
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + table + rest.split(MARK_END, 1)[1]
-    else:
-        text += "\n## Core: one-step quality against the teacher (2-D, unseen data)\n\n"
-        text += table + "\n"
-    path.write_text(text)
+    write_section(
+        "core_ratio", "Core: one-step quality against the teacher (2-D, unseen data)", table
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cmkit import recipes
+from cmkit.editing import TASKS
 from cmkit.errors import UserError
 from cmkit.runs import save_json
 from cmkit.train import ON_NONFINITE, TrainingDiverged, TrainingInterrupted
@@ -51,6 +52,15 @@ def _finite(value) -> bool:
         return False
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -66,7 +76,7 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     if data:
         p.add_argument(
             "--data",
-            help="digits | moons | 8gaussians | checkerboard | swissroll | "
+            help="digits | tinted-digits | moons | 8gaussians | checkerboard | swissroll | "
             "rings | FILE.npy | FILE.npz | image folder",
         )
     p.add_argument("--out", help="run directory to create (or continue with --resume)")
@@ -91,6 +101,12 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
             default={},
             help="network settings, e.g. '{\"hidden\": 512}' or '{\"channels\": 64}'",
         )
+    p.add_argument(
+        "--backbone",
+        choices=recipes.BACKBONES,
+        help="image network: builtin UNet (default; distill: the teacher's) or diffusers-unet "
+        "(a diffusers UNet2DModel, needed by export-diffusers; pip install 'cmkit[diffusers]')",
+    )
     _add_device(p)
 
 
@@ -100,6 +116,23 @@ def _add_process(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma-max", type=float, default=80.0, help="edm: T = σ_max")
     p.add_argument("--rho", type=float, default=7.0, help="edm: Karras grid exponent ρ")
     p.add_argument("--sigma-data", type=float, default=0.5, help="edm: σ_data")
+
+
+def _add_scoring(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="run directory")
+    p.add_argument(
+        "--data",
+        help="reference data (default: the run's held-out split; tune-times: its training split)",
+    )
+    p.add_argument(
+        "--features",
+        help="image features: digitsnet (default for 1x8x8), pixels (default otherwise), "
+        "inception (needs its weights locally), or a TorchScript file",
+    )
+    p.add_argument("--n", type=int, help="samples per evaluation (default 5000; images 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
 
 
 def _edm_kwargs(args: argparse.Namespace) -> dict:
@@ -191,6 +224,70 @@ def build_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
 
+    p = sub.add_parser("eval", help="score a run's samples against held-out data at each NFE")
+    _add_scoring(p)
+    p.add_argument(
+        "--nfe",
+        type=_ints,
+        help="network evaluations, e.g. 1,2,4 (default: 1,2,4 for a CM; "
+        "1,2,4,8,18,35 with Euler and Heun for a teacher)",
+    )
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+    p = sub.add_parser(
+        "tune-times", help="search the intermediate times of multistep sampling; store them"
+    )
+    _add_scoring(p)
+    p.add_argument("--steps", type=int, default=2, help="sampling steps to tune (>= 2)")
+    p.add_argument("--iters", type=int, default=12, help="golden-section iterations per time")
+
+    p = sub.add_parser(
+        "export-diffusers", help="write a consistency run as a diffusers ConsistencyModelPipeline"
+    )
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="consistency run trained with --backbone diffusers-unet")
+    p.add_argument("--out", help="new folder for the pipeline")
+    p.add_argument(
+        "--num-train-timesteps",
+        type=int,
+        help="N of the scheduler's Karras grid (default: the run's final training N)",
+    )
+
+    p = sub.add_parser("import-diffusers", help="turn a ConsistencyModelPipeline folder into a run")
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--pipeline", help="folder written by save_pretrained or export-diffusers")
+    p.add_argument("--out", help="run directory to create")
+
+    p = sub.add_parser(
+        "edit",
+        help="zero-shot editing with a consistency run: inpaint, colorize, superres, denoise, "
+        "interpolate, sdedit",
+    )
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="run directory (a consistency run; a teacher only denoises)")
+    p.add_argument(
+        "--input",
+        action="append",
+        help=".npy/.npz array (N, ...) in the data's units, or an image file; superres: the "
+        "low-resolution image; interpolate: two standard-normal noise arrays (default: from "
+        "--seed)",
+    )
+    p.add_argument("--out", help="FILE.npy or FILE.png, the kind of the input; a _grid.png beside")
+    p.add_argument("--mask", help="inpaint: center | left-half | strokes | FILE (1/white = fill)")
+    p.add_argument("--steps", type=int, help="network evaluations (default 4; sdedit 2)")
+    p.add_argument(
+        "--times",
+        type=_floats,
+        help="editing times τ₁ > τ₂ > … (τ₁ ≤ T: where editing starts; default T and the "
+        "sampling times for --steps)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds all noise (and the strokes mask)")
+    p.add_argument("--factor", type=int, default=2, help="superres: upscaling factor p")
+    p.add_argument("--sigma", type=float, help="denoise: noise level in the data's units")
+    p.add_argument("--frames", type=int, default=8, help="interpolate: frames per pair")
+    _add_device(p)
+
     p = sub.add_parser("quickstart", help="the whole pipeline on digits in minutes")
     p.add_argument("--config", help="TOML or JSON file of options")
     p.add_argument("--out", default="quickstart", help="directory for runs and results")
@@ -234,6 +331,7 @@ def _kind_of(action: argparse.Action) -> str:
         int: "an integer",
         float: "a finite number",
         _floats: "a list of numbers",
+        _ints: "a list of integers",
         _json_object: "a table",
     }
     return names.get(action.type, "a string")
@@ -253,6 +351,8 @@ def _valid_option(action: argparse.Action, value) -> bool:
         ok = _is_number(value) and _finite(value)
     elif action.type is _floats:
         ok = isinstance(value, list) and all(_is_number(v) and _finite(v) for v in value)
+    elif action.type is _ints:
+        ok = isinstance(value, list) and all(isinstance(v, int) and _is_number(v) for v in value)
     elif action.type is _json_object:
         ok = isinstance(value, dict)
     else:
@@ -327,6 +427,7 @@ def _common(args: argparse.Namespace) -> recipes.Common:
         progress=not args.no_progress,
         on_nonfinite=args.on_nonfinite,
         network=getattr(args, "network", {}),
+        backbone=args.backbone,
     )
 
 
@@ -415,6 +516,92 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} samples to {out}")
 
 
+def _scoring(args: argparse.Namespace, reference):
+    """The model, its scorer against `reference(model)` data, and the sample count."""
+    from cmkit.evaluate import make_scorer
+    from cmkit.generate import load_model
+
+    _require(args, "model")
+    model = load_model(args.model, _check_device(args.device))
+    n = args.n or (2000 if len(model.shape) == 3 else 5000)
+    if n < 10:
+        raise UserError(f"--n must be >= 10, got {n}")
+    return model, make_scorer(model, reference(model), args.features), n
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from cmkit.evaluate import evaluate, held_out, markdown_table
+
+    model, scorer, n = _scoring(args, lambda m: held_out(m, args.data))
+    default = [1, 2, 4] if model.kind != "teacher" else [1, 2, 4, 8, 18, 35]
+    rows = evaluate(model, scorer, args.nfe or default, n, args.seed)
+    print(f"{args.model}: {n} samples against {len(scorer.reference)} reference samples")
+    print(markdown_table(rows))
+    if args.json:
+        report = {
+            "model": str(args.model),
+            "kind": model.kind,
+            "reference": args.data or "held-out split",
+            "reference_size": len(scorer.reference),
+            "n": n,
+            "seed": args.seed,
+            "rows": rows,
+        }
+        save_json(Path(args.json), report)
+        print(f"wrote {args.json}")
+
+
+def cmd_tune_times(args: argparse.Namespace) -> None:
+    from cmkit.data import load_data
+    from cmkit.evaluate import training_split, tune_times
+    from cmkit.runs import store_times
+
+    def reference(model):
+        return load_data(args.data) if args.data else training_split(model)
+
+    model, scorer, n = _scoring(args, reference)
+    if args.iters < 1:
+        raise UserError(f"--iters must be >= 1, got {args.iters}")
+    times, best = tune_times(model, scorer, args.steps, n, args.seed, args.iters)
+    note = {"metric": scorer.primary, "value": best, "n": n, "seed": args.seed}
+    store_times(args.model, args.steps, times, note)
+    shown = ", ".join(f"{t:.4g}" for t in times)
+    print(f"{args.steps}-step times {shown}: {scorer.primary} {best:.4g}; stored in {args.model}")
+
+
+def cmd_export_diffusers(args: argparse.Namespace) -> None:
+    from cmkit.diffusers_io import export_pipeline, pipeline_calls
+
+    _require(args, "model", "out")
+    model, n = export_pipeline(args.model, args.out, args.num_train_timesteps)
+    side = model.shape[-1]
+    print(f"wrote a {side}x{side} ConsistencyModelPipeline (N = {n}) to {args.out}; with")
+    print("  pipe = ConsistencyModelPipeline.from_pretrained(OUT)")
+    print("  g = torch.Generator().manual_seed(S)")
+    for line in pipeline_calls(model, n):
+        print(f"  {line}")
+
+
+def cmd_import_diffusers(args: argparse.Namespace) -> Path:
+    from cmkit.diffusers_io import import_pipeline
+
+    _require(args, "pipeline", "out")
+    return import_pipeline(args.pipeline, args.out)
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from cmkit.edit_tasks import EditOptions, edit_files
+    from cmkit.generate import load_model
+
+    _require(args, "model", "out")
+    model = load_model(args.model, _check_device(args.device))
+    opts = EditOptions(
+        args.mask, args.steps, args.times, args.seed, args.factor, args.sigma, args.frames
+    )
+    written = edit_files(model, args.task, args.input or [], Path(args.out), opts)
+    print(f"wrote {', '.join(map(str, written))}")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from cmkit.quickstart import quickstart
 
@@ -428,7 +615,12 @@ COMMANDS = {
     "distill": cmd_distill,
     "train": cmd_train,
     "sample": cmd_sample,
+    "eval": cmd_eval,
+    "tune-times": cmd_tune_times,
+    "edit": cmd_edit,
     "quickstart": cmd_quickstart,
+    "export-diffusers": cmd_export_diffusers,
+    "import-diffusers": cmd_import_diffusers,
 }
 
 

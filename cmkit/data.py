@@ -66,14 +66,29 @@ _TOYS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
 BUILTIN_TOYS: tuple[str, ...] = tuple(_TOYS)
 
 
+def _tinted_digits() -> np.ndarray:
+    """sklearn's digits in colour: each digit times an RGB tint drawn from a fixed seed.
+
+    Tints are uniform in [0, 1]³ scaled so the brightest channel is 1, so every digit keeps
+    its 0..16 range in one channel and the hue varies: (1797, 3, 8, 8), the same on every call.
+    """
+    images = load_digits().images
+    tint = np.random.default_rng(0).uniform(size=(len(images), 3))
+    tint /= tint.max(axis=1, keepdims=True)
+    return (images[:, None] * tint[:, :, None, None]).astype(np.float32)
+
+
 def load_data(spec: str) -> np.ndarray:
     """Raw data in the user's units, float32, shape (N, D) or (N, C, H, W).
 
-    spec is "digits" (sklearn's 8x8 digits, 0..16), a name from BUILTIN_TOYS (20000 2-D points,
-    the same on every call), a .npy/.npz file, or a folder of .png/.jpg images (0..255).
+    spec is "digits" (sklearn's 8x8 digits, 0..16), "tinted-digits" (the same in colour,
+    3x8x8), a name from BUILTIN_TOYS (20000 2-D points, the same on every call), a .npy/.npz
+    file, or a folder of .png/.jpg images (0..255).
     """
     if spec == "digits":
         return load_digits().images[:, None].astype(np.float32)
+    if spec == "tinted-digits":
+        return _tinted_digits()
     if spec in _TOYS:
         return _TOYS[spec](TOY_SAMPLES, np.random.default_rng(0)).astype(np.float32)
     path = Path(spec).expanduser()
@@ -81,7 +96,7 @@ def load_data(spec: str) -> np.ndarray:
         return _validate(_load_image_folder(path), spec)
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
         return _validate(_load_numpy(path), spec)
-    builtins = ", ".join(("digits", *BUILTIN_TOYS))
+    builtins = ", ".join(("digits", "tinted-digits", *BUILTIN_TOYS))
     raise UserError(
         f"unknown data {spec!r}: expected a built-in ({builtins}) "
         "or a path to an existing .npy/.npz file or a folder of images"
@@ -89,7 +104,13 @@ def load_data(spec: str) -> np.ndarray:
 
 
 def _load_numpy(path: Path) -> np.ndarray:
-    """A .npy array, or the chosen array of a .npz archive with (N, H, W) -> (N, 1, H, W).
+    """A .npy array, or the chosen array of a .npz archive with (N, H, W) -> (N, 1, H, W)."""
+    x = read_array(path)
+    return x[:, None] if x.ndim == 3 and path.suffix.lower() == ".npz" else x
+
+
+def read_array(path: Path) -> np.ndarray:
+    """The array of a .npy file, or of a .npz archive its 'x_train' or only member.
 
     Never unpickles (allow_pickle=False: an object array is an error, not code to run).
     A .npy file is memory-mapped, so a header claiming more data than the file holds is
@@ -113,7 +134,7 @@ def _load_numpy(path: Path) -> np.ndarray:
             f"cannot read {path} as a numpy array; expected a numeric array saved with "
             "numpy.save or numpy.savez (object arrays and pickles are not accepted)"
         ) from e
-    return x[:, None] if x.ndim == 3 else x
+    return x
 
 
 def _npz_key(keys: list[str], path: Path) -> str:
@@ -143,10 +164,21 @@ def _load_image_folder(folder: Path) -> np.ndarray:
                 f"image {path} is {w}x{h} pixels; expected {images[0].size[0]}x"
                 f"{images[0].size[1]} like {files[0].name} (all images must have one size)"
             )
-    if all(image.mode in GRAY_MODES for image in images):
-        return np.stack([np.asarray(im.convert("L"), dtype=np.float32) for im in images])[:, None]
-    rgb = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return rgb.transpose(0, 3, 1, 2)
+    gray = all(image.mode in GRAY_MODES for image in images)
+    return np.stack([_image_array(image, gray) for image in images])
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """One image file as (1, C, H, W) float32 in 0..255: C = 1 for grayscale files, else 3."""
+    image = _open_image(Path(path))
+    return _image_array(image, image.mode in GRAY_MODES)[None]
+
+
+def _image_array(image: Image.Image, gray: bool) -> np.ndarray:
+    """(1, H, W) luminance or (3, H, W) RGB, float32 in 0..255."""
+    if gray:
+        return np.asarray(image.convert("L"), dtype=np.float32)[None]
+    return np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
 
 
 def _open_image(path: Path) -> Image.Image:

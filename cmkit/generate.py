@@ -11,7 +11,13 @@ from cmkit.data import Scaler
 from cmkit.errors import UserError
 from cmkit.process import Process, process_from_dict
 from cmkit.runs import load_network
-from cmkit.sampling import check_times, default_times, sample_multistep, sample_ode
+from cmkit.sampling import (
+    check_times,
+    clip_denoised,
+    default_times,
+    sample_multistep,
+    sample_ode,
+)
 
 
 @dataclass
@@ -64,7 +70,8 @@ def generate(
     """n samples in the user's units, float32; the same seed gives the same samples.
 
     Teacher runs integrate the PF-ODE (Euler/Heun, `steps` grid points). Consistency runs use
-    one step, the multistep sampler over `times`, or with `ode` the ODE v = (x − f)/t.
+    one step, the multistep sampler over `times`, or with `ode` the ODE v = (x − f)/t; a run
+    whose sampling section sets clip_denoised (imported from diffusers) clamps f to [−1, 1].
     All noise is drawn up front from one CPU generator, so chunking does not change results.
     """
     if n < 1:
@@ -85,12 +92,14 @@ def generate(
     else:
         taus = cm_times(model, steps, times)
         noises = [torch.randn(z.shape, generator=gen) for _ in taus]
+        clip = model.config["sampling"].get("clip_denoised", False)
+        f = clip_denoised(model.fn) if clip else model.fn
     out = []
     for i in tqdm(range(0, n, chunk), disable=not progress, desc="sampling", unit="chunk"):
         zc, ec = z[i : i + chunk].to(device), [e[i : i + chunk].to(device) for e in noises]
         if use_ode:
             x = sample_ode(model.fn, model.process, zc, k, solver or "heun")
         else:
-            x = sample_multistep(model.fn, model.process, zc, taus, ec)
+            x = sample_multistep(f, model.process, zc, taus, ec)
         out.append(x.cpu())
     return model.scaler.to_raw(torch.cat(out).numpy()).astype(np.float32)

@@ -4,6 +4,7 @@ The networks never see σ or t directly, only the scaled input and c_noise; thes
 the scalings, so the boundary condition holds by construction, not by training.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,15 +13,18 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Scalings:
-    """Per-sample coefficients, each shaped to broadcast against x."""
+    """Per-sample coefficients, each shaped to broadcast against x (or one float for the batch)."""
 
-    c_skip: torch.Tensor
-    c_out: torch.Tensor
-    c_in: torch.Tensor
+    c_skip: torch.Tensor | float
+    c_out: torch.Tensor | float
+    c_in: torch.Tensor | float
     c_noise: torch.Tensor  # (B,)
 
 
-def as_batch_times(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+Times = torch.Tensor | float
+
+
+def as_batch_times(t: Times, x: torch.Tensor) -> torch.Tensor:
     """Broadcast a scalar or (B,) time to shape (B,) on x's device and dtype."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     return t.expand(x.shape[0]) if t.ndim == 0 else t
@@ -30,26 +34,45 @@ def batch_column(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def consistency_scalings(t: torch.Tensor, x: torch.Tensor, sigma_data: float, sigma_min: float):
+def _batch_or_float(t: Times, x: torch.Tensor) -> Times:
+    """A float time stays a float; a tensor becomes (B,) in x's dtype and device."""
+    return t if isinstance(t, int | float) else as_batch_times(t, x)
+
+
+def _column_or_float(t: Times, x: torch.Tensor) -> torch.Tensor | float:
+    """A float stays a float: samplers pass one time for the whole batch, and scalar
+    coefficients keep a one-step sample within a few percent of a bare forward at batch 1."""
+    return float(t) if isinstance(t, int | float) else batch_column(t, x)
+
+
+def _c_noise(t: Times, x: torch.Tensor) -> torch.Tensor:
+    """c_noise = ln(t)/4 as a (B,) tensor."""
+    if isinstance(t, int | float):
+        return torch.full((x.shape[0],), math.log(t) / 4, dtype=x.dtype, device=x.device)
+    return torch.log(t) / 4
+
+
+def consistency_scalings(t: Times, x: torch.Tensor, sigma_data: float, sigma_min: float):
     """Song et al. 2023, Appendix C: c_skip = σ_d²/((t−ε)² + σ_d²), c_out = σ_d(t−ε)/√(σ_d² + t²),
-    c_in = 1/√(t² + σ_d²), c_noise = ln(t)/4. At t = ε: c_skip = 1 and c_out = 0 exactly."""
-    tc = batch_column(t, x)
+    c_in = 1/√(t² + σ_d²), c_noise = ln(t)/4. At t = ε: c_skip = 1 and c_out = 0 exactly.
+    t: a float, or a (B,) tensor."""
+    tc = _column_or_float(t, x)
     return Scalings(
         c_skip=1 / (((tc - sigma_min) / sigma_data) ** 2 + 1),  # exactly 1 at t = ε, any σ_d
-        c_out=sigma_data * (tc - sigma_min) / torch.sqrt(sigma_data**2 + tc**2),
-        c_in=1.0 / torch.sqrt(tc**2 + sigma_data**2),
-        c_noise=torch.log(t) / 4,
+        c_out=sigma_data * (tc - sigma_min) / (sigma_data**2 + tc**2) ** 0.5,
+        c_in=1.0 / (tc**2 + sigma_data**2) ** 0.5,
+        c_noise=_c_noise(t, x),
     )
 
 
-def edm_scalings(sigma: torch.Tensor, x: torch.Tensor, sigma_data: float) -> Scalings:
-    """Karras et al. 2022, Table 1 (EDM preconditioning)."""
-    sc = batch_column(sigma, x)
+def edm_scalings(sigma: Times, x: torch.Tensor, sigma_data: float) -> Scalings:
+    """Karras et al. 2022, Table 1 (EDM preconditioning). sigma: a float or a (B,) tensor."""
+    sc = _column_or_float(sigma, x)
     return Scalings(
         c_skip=sigma_data**2 / (sc**2 + sigma_data**2),
-        c_out=sc * sigma_data / torch.sqrt(sc**2 + sigma_data**2),
-        c_in=1.0 / torch.sqrt(sc**2 + sigma_data**2),
-        c_noise=torch.log(sigma) / 4,
+        c_out=sc * sigma_data / (sc**2 + sigma_data**2) ** 0.5,
+        c_in=1.0 / (sc**2 + sigma_data**2) ** 0.5,
+        c_noise=_c_noise(sigma, x),
     )
 
 
@@ -63,9 +86,8 @@ class ConsistencyFunction(nn.Module):
         super().__init__()
         self.net, self.sigma_data, self.sigma_min = net, sigma_data, sigma_min
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, **net_kwargs) -> torch.Tensor:
-        t = as_batch_times(t, x)
-        s = consistency_scalings(t, x, self.sigma_data, self.sigma_min)
+    def forward(self, x: torch.Tensor, t: Times, **net_kwargs) -> torch.Tensor:
+        s = consistency_scalings(_batch_or_float(t, x), x, self.sigma_data, self.sigma_min)
         F_x = self.net(s.c_in * x, s.c_noise, **net_kwargs)
         return s.c_skip * x + s.c_out * F_x
 
@@ -77,9 +99,8 @@ class EDMDenoiser(nn.Module):
         super().__init__()
         self.net, self.sigma_data = net, sigma_data
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **net_kwargs) -> torch.Tensor:
-        sigma = as_batch_times(sigma, x)
-        s = edm_scalings(sigma, x, self.sigma_data)
+    def forward(self, x: torch.Tensor, sigma: Times, **net_kwargs) -> torch.Tensor:
+        s = edm_scalings(_batch_or_float(sigma, x), x, self.sigma_data)
         F_x = self.net(s.c_in * x, s.c_noise, **net_kwargs)
         return s.c_skip * x + s.c_out * F_x
 

@@ -23,9 +23,11 @@ def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1) -> np.
     return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
 
 
-def save_image_grid(images: np.ndarray, path: str | Path, scale: int = 4) -> None:
-    """Save images in [0, 1] as a PNG grid, enlarged `scale` times (nearest) for small images."""
-    grid = image_grid(images)
+def save_image_grid(
+    images: np.ndarray, path: str | Path, scale: int = 4, nrow: int | None = None
+) -> None:
+    """Save images in [0, 1] as a PNG grid (`nrow` per row), enlarged `scale` times (nearest)."""
+    grid = image_grid(images, nrow)
     mode = "L" if grid.shape[2] == 1 else "RGB"
     pil = Image.fromarray(grid[..., 0] if mode == "L" else grid[..., :3], mode)
     pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST).save(path)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from cmkit import recipes
+from cmkit.data import load_data
 from cmkit.generate import generate, load_model
 from cmkit.metrics import energy_distance
 from cmkit.plots import image_grid, save_panels
@@ -35,17 +36,20 @@ def _common(out: Path, steps: int, device: str, progress: bool) -> recipes.Commo
     )
 
 
-def train_all(out: Path, scale: float, device: str, progress: bool) -> dict[str, float]:
-    """Train the three runs; returns seconds per stage."""
-    base = recipes.IMAGE_DEFAULTS
+def train_all(
+    out: Path, scale: float, device: str, progress: bool, data: str = DATA
+) -> dict[str, float]:
+    """Train a teacher, its CD student and an iCT run on `data` with the default recipe
+    (step counts times `scale`); returns seconds per stage."""
+    base = recipes.defaults_for(load_data(data).shape[1:])
     steps = {
         name: max(10, round(base[key] * scale))
         for name, key in [("teacher", "teacher_steps"), ("cd", "cm_steps"), ("ict", "cm_steps")]
     }
     stages = {  # run in this order: distillation reads the teacher run
-        "teacher": lambda common: recipes.teacher_run(common, DATA),
+        "teacher": lambda common: recipes.teacher_run(common, data),
         "cd": lambda common: recipes.distill_run(common, str(out / "teacher")),
-        "ict": lambda common: recipes.ct_run(common, DATA, recipes.CTOptions(recipe="ict")),
+        "ict": lambda common: recipes.ct_run(common, data, recipes.CTOptions(recipe="ict")),
     }
     seconds = {}
     for name, run in stages.items():

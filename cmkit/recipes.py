@@ -7,7 +7,7 @@ directory and returns it.
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,7 @@ class Common:
     progress: bool = True
     on_nonfinite: str = "stop"  # or "skip": drop batches with a NaN/inf loss or gradient
     network: dict = field(default_factory=dict)  # overrides of the default network kwargs
+    backbone: str | None = None  # "builtin" or "diffusers-unet"; None: builtin (distill: teacher's)
 
 
 # Defaults sized for 2 CPU cores; their measured results are in BENCHMARKS.md.
@@ -81,6 +82,8 @@ def _build(net_spec: dict, shape: tuple[int, ...]) -> nn.Module:
         net = build_network(net_spec)
         with torch.no_grad():
             net.eval()(torch.zeros(1, *shape), torch.zeros(1))
+    except UserError:
+        raise
     except (TypeError, ValueError, RuntimeError) as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise UserError(
@@ -89,21 +92,58 @@ def _build(net_spec: dict, shape: tuple[int, ...]) -> nn.Module:
     return net.train()
 
 
-def default_network(shape: tuple[int, ...], overrides: dict | None = None) -> dict:
-    """An MLP for vectors, a small UNet for images (two levels, or three from 32 px up)."""
+BACKBONES = ("builtin", "diffusers-unet")
+
+
+def default_network(
+    shape: tuple[int, ...], overrides: dict | None = None, backbone: str = "builtin"
+) -> dict:
+    """An MLP for vectors, a small UNet for images (two levels, or three from 32 px up).
+
+    backbone "diffusers-unet" puts a diffusers UNet2DModel of the same widths in the UNet's
+    place (one ResNet per level, attention in the middle block), which export-diffusers needs.
+    """
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown --backbone {backbone!r}; expected {' or '.join(BACKBONES)}")
     if len(shape) == 1:
+        if backbone != "builtin":
+            raise UserError(f"--backbone {backbone} needs images (C, H, W); got vectors {shape}")
         spec = {"type": "mlp", "kwargs": {"dim": shape[0], "hidden": 256, "depth": 4}}
     else:
         channels, height, width = shape
         deep = min(height, width) >= 32 and height % 4 == 0 and width % 4 == 0
-        kwargs = {
-            "in_channels": channels,
-            "channels": 32,
-            "channel_mult": [1, 2, 2] if deep else [1, 2],
-        }
-        spec = {"type": "unet", "kwargs": kwargs}
+        if backbone == "diffusers-unet":
+            spec = {"type": backbone, "kwargs": _diffusers_unet_kwargs(shape, deep)}
+        else:
+            kwargs = {
+                "in_channels": channels,
+                "channels": 32,
+                "channel_mult": [1, 2, 2] if deep else [1, 2],
+            }
+            spec = {"type": "unet", "kwargs": kwargs}
     spec["kwargs"].update(overrides or {})
     return spec
+
+
+def _diffusers_unet_kwargs(shape: tuple[int, ...], deep: bool) -> dict:
+    channels, height, _ = shape
+    widths = [32, 64, 64] if deep else [32, 64]
+    return {
+        "sample_size": height,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": widths,
+        "down_block_types": ["DownBlock2D"] * len(widths),
+        "up_block_types": ["UpBlock2D"] * len(widths),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+    }
+
+
+def backbone_of(net_spec: dict) -> str:
+    """The --backbone name that builds a network spec's type."""
+    return "diffusers-unet" if net_spec["type"] == "diffusers-unet" else "builtin"
 
 
 def load_training_data(spec: str, holdout: float) -> tuple[torch.Tensor, dict]:
@@ -174,10 +214,11 @@ def _prepare_out(out: Path) -> Path:
 def _check_same_run(out: Path, saved: dict, config: dict) -> None:
     """--resume continues the run it finds: everything but the step count must match.
 
-    The stored sampling section (e.g. tuned times) is kept for the checkpoints to come."""
-    config["sampling"] = saved.get("sampling", config["sampling"])
+    The sampling section is not compared: tuned times belong to the weights they were tuned
+    on, so the checkpoints to come drop them (see runs.store_times)."""
     new = json.loads(json.dumps({"format": FORMAT, **config}))
     new["training"]["steps"] = saved.get("training", {}).get("steps")
+    new["sampling"] = saved.get("sampling")
     changed = list(_differences(saved, new))
     if changed:
         raise UserError(
@@ -243,8 +284,9 @@ def _from_data(common: Common, data_spec: str) -> tuple[torch.Tensor, dict, dict
     """Seeded start of a run trained on data: training split, data section, network spec, net."""
     torch.manual_seed(common.seed)
     data, section = load_training_data(data_spec, common.holdout)
-    net_spec = default_network(tuple(section["shape"]), common.network)
-    return data, section, net_spec, _build(net_spec, tuple(section["shape"]))
+    shape = tuple(section["shape"])
+    net_spec = default_network(shape, common.network, common.backbone or "builtin")
+    return data, section, net_spec, _build(net_spec, shape)
 
 
 def _run_config(kind, common, proc, net_spec, section, steps_key, sampling, **training) -> dict:
@@ -297,8 +339,8 @@ def distill_run(
     scaler = datalib.Scaler.from_dict(section["scaler"])
     train_x, _ = datalib.split_holdout(datalib.load_data(section["spec"]), section["holdout"])
     data = torch.from_numpy(scaler.to_model(train_x))
-    net_spec = copy.deepcopy(teacher_config["network"])
-    net = build_network(net_spec)
+    net_spec = _student_network(teacher_config, common.backbone, init_from_teacher)
+    net = _build(net_spec, tuple(section["shape"]))
     if init_from_teacher:
         net.load_state_dict(teacher_net.state_dict())
     config = _run_config(
@@ -325,6 +367,19 @@ def distill_run(
         proc, schedule, TeacherStep(teacher, solver), _distance(distance, section["shape"])
     )
     return _fit(common, config, state, data, loss, schedule.target_mu)
+
+
+def _student_network(teacher_config: dict, backbone: str | None, init_from_teacher: bool) -> dict:
+    """The teacher's network spec, or the default one of another --backbone (random start)."""
+    teacher_spec = teacher_config["network"]
+    if backbone is None or backbone == backbone_of(teacher_spec):
+        return copy.deepcopy(teacher_spec)
+    if init_from_teacher:
+        raise UserError(
+            f"a {backbone} student cannot start from the teacher's {backbone_of(teacher_spec)} "
+            "weights; pass --no-init-from-teacher"
+        )
+    return default_network(tuple(teacher_config["data"]["shape"]), {}, backbone)
 
 
 def _distance(name: str, shape: list[int]):
@@ -426,3 +481,15 @@ def ct_run(common: Common, data_spec: str, opts: CTOptions) -> Path:
     online, target = proc.consistency(net), proc.consistency(copy.deepcopy(net))
     state = _start(common, config, online, target, net)
     return _fit(common, config, state, data, loss, curriculum.target_mu)
+
+
+def final_scales(config: dict) -> int:
+    """N of a consistency run's σ grid at the end of training: CD's fixed N, or the last N(k)
+    of the CT/iCT curriculum (rebuilt from the options stored in config.json)."""
+    training = config["training"]
+    if "num_scales" in training:
+        return training["num_scales"]
+    opts = CTOptions(**{f.name: training[f.name] for f in fields(CTOptions)})
+    proc = process_from_dict(config["process"])
+    _, curriculum = _ct_loss(opts, proc, training["steps"], config["data"]["shape"])
+    return curriculum.scales(training["steps"])

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cmkit.errors import UserError
+from cmkit.networks.diffusers_unet import DiffusersUNet
 from cmkit.networks.mlp import MLP
 from cmkit.networks.unet import UNet
 from cmkit.train import TrainState
@@ -90,7 +91,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def build_network(spec: dict) -> nn.Module:
-    """Rebuild a plain network from {"type": "mlp" | "unet", "kwargs": {...}}."""
+    """Rebuild a plain network from {"type": "mlp" | "unet" | "diffusers-unet", "kwargs": {...}}."""
     kwargs = dict(spec.get("kwargs", {}))
     if spec.get("type") == "mlp":
         return MLP(**kwargs)
@@ -98,7 +99,11 @@ def build_network(spec: dict) -> nn.Module:
         kwargs["channel_mult"] = tuple(kwargs.get("channel_mult", (1, 2)))
         kwargs["attention_levels"] = tuple(kwargs.get("attention_levels", ()))
         return UNet(**kwargs)
-    raise UserError(f"unknown network type {spec.get('type')!r}; expected 'mlp' or 'unet'")
+    if spec.get("type") == "diffusers-unet":
+        return DiffusersUNet(**kwargs)
+    raise UserError(
+        f"unknown network type {spec.get('type')!r}; expected 'mlp', 'unet' or 'diffusers-unet'"
+    )
 
 
 def _trainer_tensors(state: TrainState) -> dict[str, torch.Tensor]:
@@ -190,6 +195,18 @@ def load_config(run_dir: str | Path, kind: str | None = None) -> dict:
     if config.get("kind") not in KINDS or (kind and config["kind"] != kind):
         raise UserError(f"{run_dir} is a {config.get('kind')!r} run; expected {kind or KINDS}")
     return config
+
+
+def store_times(run_dir: str | Path, steps: int, times: list[float], note: dict) -> None:
+    """Record tuned intermediate times, which `steps`-step sampling then uses by default.
+
+    Training that resumes rewrites config.json and drops them: they belong to these weights.
+    """
+    config = load_config(run_dir, "consistency")
+    sampling = config.setdefault("sampling", {})
+    sampling.setdefault("times", {})[str(steps)] = times
+    sampling.setdefault("tuning", {})[str(steps)] = note
+    save_json(Path(run_dir) / "config.json", config)
 
 
 def load_weights(module: nn.Module, path: Path) -> None:

@@ -16,6 +16,12 @@ def sample_onestep(f: Denoiser, process, z: torch.Tensor) -> torch.Tensor:
     return f(process.prior(z), process.t_max)
 
 
+def clip_denoised(f: Denoiser) -> Denoiser:
+    """f with each output clamped to [−1, 1], the image range in model units, as diffusers'
+    CMStochasticIterativeScheduler does with clip_denoised=True before re-noising."""
+    return lambda x, t: f(x, t).clamp(-1.0, 1.0)
+
+
 def check_times(process, times: list[float]) -> None:
     """Intermediate times must be strictly decreasing inside (t_min, t_max)."""
     for a, b in zip([process.t_max, *times], times, strict=False):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmkit.data import BUILTIN_TOYS, Scaler, describe, load_data, split_holdout
+from cmkit.data import BUILTIN_TOYS, Scaler, describe, load_data, load_image, split_holdout
 from cmkit.errors import UserError
 
 
@@ -14,6 +14,16 @@ def test_digits_raw_units():
     assert x.dtype == np.float32
     assert x.min() == 0 and x.max() == 16
     assert describe(x) == "1797 samples of shape 1x8x8"
+
+
+def test_tinted_digits_are_digits_times_a_fixed_tint():
+    x, digits = load_data("tinted-digits"), load_data("digits")
+    assert x.shape == (1797, 3, 8, 8) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, load_data("tinted-digits"))
+    tint = x.max(axis=(2, 3)) / digits.max(axis=(2, 3))  # per channel: max(digit)·tint
+    np.testing.assert_allclose(x, digits * tint[:, :, None, None], rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(tint.max(axis=1), 1.0, rtol=1e-6)  # brightest channel keeps 0..16
+    assert tint.min() < 0.1 and tint.std(axis=0).min() > 0.2  # hues vary
 
 
 def test_toys_are_deterministic_distinct_and_finite():
@@ -85,6 +95,19 @@ def test_rgb_folder(tmp_path):
     x = load_data(str(tmp_path / "rgb"))
     assert x.shape == (2, 3, 5, 6)
     np.testing.assert_array_equal(x, pixels.transpose(0, 3, 1, 2))
+
+
+def test_single_image_file(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 5, 6, 3), dtype=np.uint8)
+    _write_images(tmp_path / "im", pixels, "RGB")
+    np.testing.assert_array_equal(
+        load_image(tmp_path / "im" / "img1.png")[0], pixels[1].transpose(2, 0, 1)
+    )
+    Image.fromarray(pixels[0, :, :, 0]).save(tmp_path / "gray.png")
+    assert load_image(tmp_path / "gray.png").shape == (1, 1, 5, 6)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"broken\.png"):
+        load_image(tmp_path / "broken.png")
 
 
 def test_mixed_size_folder_names_file(tmp_path):

@@ -166,3 +166,15 @@ def test_consistency_function_images():
     assert y.shape == x.shape
     assert torch.equal(y[0], x[0])
     torch.testing.assert_close(y[1], 0.25 / (0.998**2 + 0.25) * x[1], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("t", [0.002, 0.7, 80.0])
+def test_one_float_time_matches_per_sample_times(t):
+    """Samplers pass one float for the batch; it must compute what a (B,) tensor does."""
+    torch.manual_seed(0)
+    net = MLP(2, hidden=16, depth=2)
+    x = torch.randn(5, 2)
+    for wrap in (ConsistencyFunction(net), EDMDenoiser(net)):
+        a, b = wrap(x, t), wrap(x, torch.full((5,), t))
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ConsistencyFunction(net)(x, 0.002), x)  # the boundary, exactly

@@ -364,6 +364,10 @@ def test_every_command_checks_the_run_directories_it_reads(tmp_path):
     for name, run in _foreign_runs(tmp_path).items():
         commands = {
             "sample": ["sample", "--model", run, "--out", tmp_path / "x.npy"],
+            "eval": ["eval", "--model", run],
+            "tune-times": ["tune-times", "--model", run],
+            "edit": ["edit", "sdedit", "--model", run, "--out", tmp_path / "e.npy"],
+            "export-diffusers": ["export-diffusers", "--model", run, "--out", tmp_path / "p"],
             "distill": ["distill", "--teacher", run, "--out", tmp_path / "d"],
             "resume train": ["train", "--data", "moons", "--out", run, "--resume", *tiny],
             "resume teacher": ["train-teacher", "--data", "moons", "--out", run, "--resume", *tiny],
@@ -383,6 +387,57 @@ def test_every_command_checks_the_run_directories_it_reads(tmp_path):
     (tmp_path / "qs" / "teacher" / "config.json").write_text('{"format": 2, "kind": "teacher"}')
     code, err = run_cli(["quickstart", "--out", tmp_path / "qs", "--scale", 0.001, "--no-progress"])
     assert code == 2 and "has run format 2" in err
+
+
+# ---------------------------------------------------------------- editing masks
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory) -> Path:
+    """A 2-step iCT run on digits with a tiny UNet, and 3 digits to edit."""
+    root = tmp_path_factory.mktemp("image_run")
+    args = ["train", "--data", "digits", "--out", root / "cm", "--steps", 2, "--batch-size", 4]
+    assert run_cli([*args, "--no-progress", "--network", '{"channels": 8}'])[0] == 0
+    np.save(root / "digits.npy", load_data("digits")[:3])
+    return root
+
+
+MASKS = arrays(
+    dtype=st.sampled_from(["?", "u1", "i8", "f4", "f8", "U1"]).map(np.dtype),
+    shape=st.one_of(st.sampled_from([(8, 8), (1, 8, 8)]), array_shapes(max_dims=4, max_side=9)),
+    elements=None,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(mask=MASKS)
+def test_random_inpainting_masks(image_run, mask):
+    """A mask file is used when it is 0/1 of a shape that broadcasts to the images; anything
+    else (shape, values, NaN, dtype) is one line and exit 2."""
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "mask.npy", mask)
+        code, err = run_cli(
+            ["edit", "inpaint", "--model", image_run / "cm", "--input", image_run / "digits.npy"]
+            + ["--mask", Path(tmp) / "mask.npy", "--out", Path(tmp) / "o.npy", "--no-progress"]
+        )
+    usable = mask.shape in ((8, 8), (1, 8, 8), (3, 1, 8, 8)) and mask.dtype.kind != "U"
+    usable = usable and bool(np.isin(mask, (0, 1)).all())
+    assert code == (0 if usable else 2), (code, err)
+    if code:
+        (line,) = err.strip().splitlines()
+        assert line.startswith("cmkit: error: --mask") or "cannot read" in line, line
+
+
+def test_pickled_mask_is_refused_not_executed(image_run, tmp_path):
+    marker = tmp_path / "pwned"
+    np.save(
+        tmp_path / "mask.npy", np.array([Payload(str(marker))], dtype=object), allow_pickle=True
+    )
+    code, err = run_cli(
+        ["edit", "inpaint", "--model", image_run / "cm", "--input", image_run / "digits.npy"]
+        + ["--mask", tmp_path / "mask.npy", "--out", tmp_path / "o.npy", "--no-progress"]
+    )
+    assert code == 2 and "pickles are not accepted" in err and not marker.exists()
 
 
 def test_out_that_cannot_be_a_run_directory(tmp_path):

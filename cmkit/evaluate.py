@@ -1,0 +1,236 @@
+"""Quality against network evaluations: score a run's samples at several NFEs, tune τ.
+
+A `Scorer` holds a reference set and the metrics for its kind of data (vectors: energy
+distance, sliced Wasserstein, MMD; images: Fréchet distance, KID and k-NN precision/recall on
+an extractor's features). `evaluate` samples a run at each NFE asked and scores it;
+`tune_times` searches the intermediate times of multistep sampling (the paper's ternary
+search) against the training split, so the held-out split stays unseen.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmkit import data as datalib
+from cmkit.errors import UserError
+from cmkit.features import make_extractor
+from cmkit.generate import Model, generate
+from cmkit.metrics import (
+    energy_distance,
+    frechet_distance,
+    kernel_distance,
+    knn_precision_recall,
+    mmd_rbf,
+    sliced_wasserstein,
+)
+from cmkit.sampling import check_times
+from cmkit.solvers import nfe as count_nfe
+
+MMD_POINTS = 2000  # MMD and precision/recall cost O(n²) memory: score on this many per side
+REFERENCE_POINTS = 5000  # a larger reference set is subsampled (seeded) to this size
+
+
+@dataclass
+class Scorer:
+    """Metrics of samples (user's units) against a fixed reference set."""
+
+    reference: np.ndarray  # (m, ...) in the user's units
+    scaler: datalib.Scaler  # maps images to model units [-1, 1], hence to [0, 1] features
+    extractor: nn.Module | None = None  # images only
+
+    @property
+    def primary(self) -> str:
+        """The headline metric: energy distance for vectors, the Fréchet distance for images."""
+        return "ED" if self.extractor is None else f"FD-{self.extractor.name}"
+
+    def primary_value(self, samples: np.ndarray) -> float:
+        """The headline metric alone: what tuning minimises."""
+        if self.extractor is None:
+            return energy_distance(samples, self.reference)
+        return frechet_distance(self._unit(self.reference), self._unit(samples), self.extractor)
+
+    def __call__(self, samples: np.ndarray) -> dict[str, float]:
+        if self.extractor is None:
+            x, y = samples, self.reference
+            return {
+                "ED": energy_distance(x, y),
+                "SWD": sliced_wasserstein(x, y),
+                "MMD": mmd_rbf(x[:MMD_POINTS], y[:MMD_POINTS]),
+            }
+        x, y = self._unit(samples), self._unit(self.reference)
+        name = self.extractor.name
+        feats = self.extractor
+        precision, recall = knn_precision_recall(
+            _feature_array(feats, y[:MMD_POINTS]), _feature_array(feats, x[:MMD_POINTS])
+        )
+        return {
+            f"FD-{name}": frechet_distance(y, x, feats),
+            f"KID-{name}": kernel_distance(y, x, feats),
+            "precision": precision,
+            "recall": recall,
+        }
+
+    def _unit(self, images: np.ndarray) -> np.ndarray:
+        return (self.scaler.to_model(images) + 1) / 2
+
+
+def _feature_array(extractor: nn.Module, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return extractor(torch.as_tensor(images, dtype=torch.float32)).double().numpy()
+
+
+def make_scorer(model: Model, reference: np.ndarray, features: str | None = None) -> Scorer:
+    """A scorer for the model's data kind; the reference must have the model's sample shape."""
+    if tuple(reference.shape[1:]) != model.shape:
+        raise UserError(
+            f"reference data has samples of shape {tuple(reference.shape[1:])}; "
+            f"the model makes {model.shape}"
+        )
+    if len(reference) < 10:
+        raise UserError(f"reference data has {len(reference)} samples; expected at least 10")
+    if len(reference) > REFERENCE_POINTS:
+        keep = np.random.default_rng(0).choice(len(reference), REFERENCE_POINTS, replace=False)
+        reference = reference[np.sort(keep)]
+    images = len(model.shape) == 3
+    if features is not None and not images:
+        raise UserError("--features applies to image data; vectors are scored directly")
+    extractor = make_extractor(features, model.shape) if images else None
+    return Scorer(reference, model.scaler, extractor)
+
+
+def held_out(model: Model, data_spec: str | None) -> np.ndarray:
+    """The reference set: the user's --data, else the run's held-out split (never trained on)."""
+    section = model.config["data"]
+    if data_spec is not None and data_spec != section["spec"]:
+        return datalib.load_data(data_spec)
+    x = datalib.split_holdout(datalib.load_data(section["spec"]), section["holdout"])[1]
+    if len(x) == 0:
+        raise UserError(
+            "this run was trained on all of its data (holdout 0); pass --data with held-out data"
+        )
+    return x
+
+
+def training_split(model: Model) -> np.ndarray:
+    """The run's training split, for tuning (tuning on held-out data would flatter the eval)."""
+    section = model.config["data"]
+    return datalib.split_holdout(datalib.load_data(section["spec"]), section["holdout"])[0]
+
+
+def teacher_grid_points(solver: str, nfe: int) -> int:
+    """Most grid points K whose solve uses ≤ nfe evaluations (Euler K, Heun 2K − 1: its last
+    step, to t = 0, is an Euler step)."""
+    return nfe if solver == "euler" else max(1, (nfe + 1) // 2)
+
+
+@dataclass
+class Plan:
+    """One way to sample a run: a label, its network evaluations, and generate() options."""
+
+    label: str
+    nfe: int
+    options: dict
+
+
+def plans(model: Model, nfes: list[int], solvers: tuple[str, ...] = ("euler", "heun")):
+    """Samplers to evaluate: a teacher's solvers at each NFE, or a CM's k-step sampler.
+
+    Heun spends 2K − 1 evaluations on K points, so an even NFE asked of it is rounded down
+    (and a repeat dropped); each plan reports the NFE it really uses.
+    """
+    if any(k < 1 for k in nfes):
+        raise UserError(f"--nfe values must be >= 1, got {nfes}")
+    if model.kind != "teacher":
+        return [Plan(f"{k} step" + ("s" if k > 1 else ""), k, {"steps": k}) for k in nfes]
+    out = []
+    for solver in solvers:
+        seen = set()
+        for nfe in nfes:
+            k = teacher_grid_points(solver, nfe)
+            used = count_nfe(solver, model.process.sampling_times(k))
+            if used not in seen:
+                seen.add(used)
+                out.append(Plan(f"{solver}", used, {"steps": k, "solver": solver}))
+    return out
+
+
+def evaluate(model: Model, scorer: Scorer, nfes: list[int], n: int, seed: int = 0) -> list[dict]:
+    """Rows of {sampler, nfe, metric: value, …}, sampling each plan from the same seed."""
+    rows = []
+    for plan in plans(model, nfes):
+        samples = generate(model, n, seed, **plan.options)
+        rows.append({"sampler": plan.label, "nfe": plan.nfe, **scorer(samples)})
+    return rows
+
+
+def _golden_min(fn, lo: float, hi: float, iters: int) -> tuple[float, float]:
+    """Golden-section search for the minimum of fn on [lo, hi]: (argmin, min) over all calls."""
+    inv_phi = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+    fc, fd = fn(c), fn(d)
+    seen = [(fc, c), (fd, d)]
+    for _ in range(iters):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - inv_phi * (b - a)
+            fc = fn(c)
+            seen.append((fc, c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + inv_phi * (b - a)
+            fd = fn(d)
+            seen.append((fd, d))
+    best, arg = min(seen)
+    return arg, best
+
+
+def tune_times(
+    model: Model,
+    scorer: Scorer,
+    steps: int,
+    n: int,
+    seed: int = 0,
+    iters: int = 12,
+    start: list[float] = (),
+) -> tuple[list[float], float]:
+    """Greedy search of τ₁ > τ₂ > … for `steps`-step sampling: each τ in turn minimises the
+    scorer's primary metric with the earlier ones fixed (Song et al. 2023 tuned 2-step τ by
+    ternary search on FID); `start` holds leading times already tuned. EDM times are searched
+    in log σ. Returns (times, best metric)."""
+    if model.kind == "teacher":
+        raise UserError("tune-times applies to consistency runs; a teacher has no τ to tune")
+    if steps < 2:
+        raise UserError(f"--steps must be >= 2 to have an intermediate time, got {steps}")
+    proc = model.process
+    to_u, from_u = (math.log, math.exp) if proc.name == "edm" else (float, float)
+    times = list(start)
+    check_times(proc, times)
+    best = math.nan
+    for _ in range(steps - 1 - len(times)):
+        upper = times[-1] if times else proc.t_max
+
+        def metric(u: float) -> float:
+            x = generate(model, n, seed, len(times) + 2, [*times, from_u(u)])
+            return scorer.primary_value(x)
+
+        lo = to_u(proc.t_min) if proc.t_min > 0 else 0.0
+        u, best = _golden_min(metric, lo, to_u(upper), iters)
+        times.append(from_u(u))
+    return times, best
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of evaluate() as a Markdown table, metrics in the order of the first row."""
+    metrics = [k for k in rows[0] if k not in ("sampler", "nfe")]
+    lines = [
+        "| sampler | NFE | " + " | ".join(metrics) + " |",
+        "|---|---:|" + "---:|" * len(metrics),
+    ]
+    for row in rows:
+        cells = " | ".join(f"{row[m]:.4g}" for m in metrics)
+        lines.append(f"| {row['sampler']} | {row['nfe']} | {cells} |")
+    return "\n".join(lines)

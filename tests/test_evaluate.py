@@ -1,0 +1,125 @@
+"""cmkit eval and tune-times: samplers per NFE, stored times, reports and one-line errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cmkit.cli import main
+from cmkit.evaluate import _golden_min, plans
+from cmkit.generate import load_model
+
+TINY = ["--steps", "40", "--batch-size", "64", "--no-progress"]
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    assert run_cli("train-teacher", "--data", "moons", "--out", root / "teacher", *TINY) == 0
+    assert run_cli("distill", "--teacher", root / "teacher", "--out", root / "cd", *TINY) == 0
+    assert (
+        run_cli("train", "--data", "digits", "--out", root / "digits", *TINY[:1], "10", *TINY[2:])
+        == 0
+    )
+    return root
+
+
+def test_teacher_plans_report_the_evaluations_they_use(runs):
+    teacher = load_model(str(runs / "teacher"))
+    got = [(p.label, p.nfe, p.options["steps"]) for p in plans(teacher, [1, 2, 4, 35])]
+    # Euler: K points, K evaluations; Heun: 2K − 1, so an even request rounds down
+    assert got == [
+        ("euler", 1, 1),
+        ("euler", 2, 2),
+        ("euler", 4, 4),
+        ("euler", 35, 35),
+        ("heun", 1, 1),
+        ("heun", 3, 2),
+        ("heun", 35, 18),
+    ]
+    cm = load_model(str(runs / "cd"))
+    assert [(p.nfe, p.options) for p in plans(cm, [1, 2])] == [(1, {"steps": 1}), (2, {"steps": 2})]
+
+
+def test_golden_section_finds_a_parabolas_minimum():
+    calls = []
+
+    def f(u):
+        calls.append(u)
+        return (u - 1.3) ** 2
+
+    arg, best = _golden_min(f, -2.0, 3.0, iters=30)
+    assert arg == pytest.approx(1.3, abs=1e-5) and best == pytest.approx(0.0, abs=1e-9)
+    assert len(calls) == 32 and all(-2 < u < 3 for u in calls)
+
+
+def test_eval_writes_rows_per_nfe_and_repeats_exactly(runs, tmp_path, capsys):
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path in paths:
+        args = ["eval", "--model", runs / "cd", "--nfe", "1,2", "--n", 300, "--json", path]
+        assert run_cli(*args) == 0
+    a, b = (json.loads(p.read_text()) for p in paths)
+    assert a["rows"] == b["rows"]
+    assert [r["nfe"] for r in a["rows"]] == [1, 2]
+    assert set(a["rows"][0]) == {"sampler", "nfe", "ED", "SWD", "MMD"}
+    assert a["reference_size"] == 2000  # moons: 10% of 20000 held out
+    assert "| 1 step | 1 |" in capsys.readouterr().out
+
+
+def test_eval_of_images_uses_named_features(runs, tmp_path):
+    out = tmp_path / "d.json"
+    assert run_cli("eval", "--model", runs / "digits", "--nfe", "1", "--n", 200, "--json", out) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert set(row) == {"sampler", "nfe", "FD-digitsnet", "KID-digitsnet", "precision", "recall"}
+    assert row["FD-digitsnet"] > 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    assert run_cli("eval", "--model", runs / "digits", "--nfe", "1", "--n", 200, "--features",
+                   "pixels", "--json", out) == 0  # fmt: skip
+    assert "FD-pixels" in json.loads(out.read_text())["rows"][0]
+
+
+def test_tune_times_stores_times_that_sample_uses(runs, tmp_path, capsys):
+    run = tmp_path / "cd"
+    run.mkdir()
+    for f in (runs / "cd").iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    assert run_cli("tune-times", "--model", run, "--n", 200, "--iters", 3) == 0
+    config = json.loads((run / "config.json").read_text())
+    (tau,) = config["sampling"]["times"]["2"]
+    assert 0.002 < tau < 80 and config["sampling"]["tuning"]["2"]["metric"] == "ED"
+    assert math.isfinite(config["sampling"]["tuning"]["2"]["value"])
+    stored, explicit = tmp_path / "s.npy", tmp_path / "e.npy"
+    assert run_cli("sample", "--model", run, "--steps", 2, "--out", stored) == 0
+    assert run_cli("sample", "--model", run, "--times", tau, "--out", explicit) == 0
+    assert np.array_equal(np.load(stored), np.load(explicit))
+    assert run_cli("tune-times", "--model", run, "--steps", 3, "--n", 200, "--iters", 2) == 0
+    taus = json.loads((run / "config.json").read_text())["sampling"]["times"]["3"]
+    assert 80 > taus[0] > taus[1] > 0.002
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["tune-times", "--model", "{teacher}"], "consistency runs"),
+        (["tune-times", "--model", "{cd}", "--steps", "1"], "--steps must be >= 2"),
+        (["eval", "--model", "{cd}", "--nfe", "0"], "--nfe values must be >= 1"),
+        (["eval", "--model", "{cd}", "--features", "pixels"], "--features applies to image"),
+        (["eval", "--model", "{cd}", "--data", "digits"], "reference data has samples of shape"),
+        (["eval", "--model", "{digits}", "--features", "nope.pt"], "expected digitsnet, pixels"),
+        (["eval", "--model", "{digits}", "--features", "{bogus}"], "expected a TorchScript"),
+        (["eval", "--model", "{cd}", "--n", "3"], "--n must be >= 10"),
+        (["eval"], "--model is required"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, args, needle):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_text("not a module")
+    paths = {"teacher": runs / "teacher", "cd": runs / "cd", "digits": runs / "digits"}
+    args = [a.format(bogus=bogus, **paths) for a in args]
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
