@@ -2,11 +2,13 @@
 
 Every command takes `--config FILE` (TOML or JSON whose keys are the long flag names, with
 dashes or underscores); flags on the command line win over the file. User errors print one
-line on stderr and exit with code 2; a diverged run exits with 3.
+line on stderr and exit with code 2; a diverged run exits with 3; Ctrl-C during training
+saves a checkpoint and exits with 130.
 """
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from cmkit import recipes
 from cmkit.editing import TASKS
 from cmkit.errors import UserError
 from cmkit.runs import save_json
-from cmkit.train import TrainingDiverged
+from cmkit.train import ON_NONFINITE, TrainingDiverged, TrainingInterrupted
 
 try:
     import tomllib
@@ -34,11 +36,20 @@ class Parser(argparse.ArgumentParser):
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+        values = None
+    if values is None or not all(map(_finite, values)):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values
+
+
+def _finite(value) -> bool:
+    """A number that is neither NaN nor ±inf, nor an integer too large for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _ints(text: str) -> list[int]:
@@ -77,6 +88,12 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of data held out")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument(
+        "--on-nonfinite",
+        default="stop",
+        choices=ON_NONFINITE,
+        help="a NaN/inf loss or gradient stops training (exit 3) or skips the batch",
+    )
     if data:
         p.add_argument(
             "--network",
@@ -312,7 +329,7 @@ def _kind_of(action: argparse.Action) -> str:
         return "true or false"
     names = {
         int: "an integer",
-        float: "a number",
+        float: "a finite number",
         _floats: "a list of numbers",
         _ints: "a list of integers",
         _json_object: "a table",
@@ -331,9 +348,9 @@ def _valid_option(action: argparse.Action, value) -> bool:
     elif action.type is int:
         ok = _is_number(value) and isinstance(value, int)
     elif action.type is float:
-        ok = _is_number(value)
+        ok = _is_number(value) and _finite(value)
     elif action.type is _floats:
-        ok = isinstance(value, list) and all(_is_number(v) for v in value)
+        ok = isinstance(value, list) and all(_is_number(v) and _finite(v) for v in value)
     elif action.type is _ints:
         ok = isinstance(value, list) and all(isinstance(v, int) and _is_number(v) for v in value)
     elif action.type is _json_object:
@@ -346,11 +363,23 @@ def _valid_option(action: argparse.Action, value) -> bool:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]
     if args.config:
-        sub = parser._subparsers._group_actions[0].choices[args.command]
         sub.set_defaults(**_config_defaults(sub, args.config))
         args = parser.parse_args(argv)
+    _check_numbers(sub, args)
     return args
+
+
+def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Numbers argparse accepts but nothing downstream can use: NaN, ±inf, seeds beyond 63 bits."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and value is not None and not _finite(value):
+            raise UserError(f"{action.option_strings[0]} must be a finite number, got {value}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), got {seed}")
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
@@ -373,6 +402,12 @@ def _check_device(device: str) -> str:
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {device}: MPS is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {device!r}: expected cpu, cuda, cuda:N or mps")
+    try:
+        torch.empty(0, device=dev)
+    except RuntimeError as err:  # e.g. cuda:3 on a machine with one GPU
+        raise UserError(f"--device {device}: {str(err).splitlines()[0]}") from None
     return device
 
 
@@ -390,6 +425,7 @@ def _common(args: argparse.Namespace) -> recipes.Common:
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
+        on_nonfinite=args.on_nonfinite,
         network=getattr(args, "network", {}),
         backbone=args.backbone,
     )
@@ -456,6 +492,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
         raise UserError(f"--out {args.out}: expected a .npy or .png file name")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {args.out}: folder {out.parent} does not exist")
     model = load_model(args.model, _check_device(args.device))
     x = generate(
         model,
@@ -595,14 +633,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run saved in {result}")
         return 0
     except UserError as err:
-        print(f"cmkit: error: {err}", file=sys.stderr)
+        print(f"cmkit: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
-        print(f"cmkit: training stopped: {err}; the last good checkpoint is kept", file=sys.stderr)
+        print(f"cmkit: training stopped: {_one_line(err)}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as err:
+        again = "rerun it" if args.command == "quickstart" else "continue with --resume"
+        print(f"cmkit: {err}; {again}", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"cmkit: error: out of memory ({_one_line(err)[:200]})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("cmkit: interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """An allocation too large for the machine, e.g. from --n or --batch-size (torch reports
+    CPU and CUDA allocation failures as RuntimeErrors that say 'allocate')."""
+    return isinstance(err, MemoryError) or "allocate" in str(err)
+
+
+def _one_line(err: Exception) -> str:
+    """The message on one line, whatever user text (a file name, a value) it quotes."""
+    return " ".join(str(err).split("\n"))
 
 
 if __name__ == "__main__":

@@ -105,21 +105,36 @@ def load_data(spec: str) -> np.ndarray:
 
 def _load_numpy(path: Path) -> np.ndarray:
     """A .npy array, or the chosen array of a .npz archive with (N, H, W) -> (N, 1, H, W)."""
+    x = read_array(path)
+    return x[:, None] if x.ndim == 3 and path.suffix.lower() == ".npz" else x
+
+
+def read_array(path: Path) -> np.ndarray:
+    """The array of a .npy file, or of a .npz archive its 'x_train' or only member.
+
+    Never unpickles (allow_pickle=False: an object array is an error, not code to run).
+    A .npy file is memory-mapped, so a header claiming more data than the file holds is
+    refused before anything is allocated.
+    """
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, mmap_mode="r", allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             return loaded
         with loaded:
             key = _npz_key(loaded.files, path)
             x = loaded[key]
+        if not isinstance(x, np.ndarray):  # numpy hands back the raw bytes of non-.npy members
+            raise ValueError(f"member {key!r} is not a .npy array")
     except UserError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except MemoryError:
+        raise UserError(f"{path} holds an array too large for this machine's memory") from None
+    except (OSError, ValueError, OverflowError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(
             f"cannot read {path} as a numpy array; expected a numeric array saved with "
             "numpy.save or numpy.savez (object arrays and pickles are not accepted)"
         ) from e
-    return x[:, None] if x.ndim == 3 else x
+    return x
 
 
 def _npz_key(keys: list[str], path: Path) -> str:
@@ -133,9 +148,12 @@ def _npz_key(keys: list[str], path: Path) -> str:
 
 def _load_image_folder(folder: Path) -> np.ndarray:
     """All images in the folder sorted by name: (N, 1, H, W) if all are grayscale, else RGB."""
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    try:
+        files = sorted(
+            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+    except OSError as e:
+        raise UserError(f"cannot list folder {folder}: {e.strerror}") from None
     if not files:
         raise UserError(f"folder {folder} has no images; expected .png, .jpg or .jpeg files")
     images = [_open_image(p) for p in files]
@@ -169,7 +187,7 @@ def _open_image(path: Path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return image.copy()
-    except (OSError, SyntaxError, ValueError) as e:
+    except Exception as e:  # PIL's decoders raise many types on corrupt or hostile files
         raise UserError(f"cannot read image {path}; expected a valid .png or .jpg file") from e
 
 

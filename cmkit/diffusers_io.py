@@ -22,7 +22,15 @@ from cmkit.errors import UserError
 from cmkit.generate import Model, cm_times
 from cmkit.networks.diffusers_unet import require_diffusers
 from cmkit.process import EDMProcess, process_from_dict
-from cmkit.runs import FORMAT, build_network, load_config, load_network, save_json, save_tensors
+from cmkit.runs import (
+    FORMAT,
+    build_network,
+    load_config,
+    load_network,
+    read_json,
+    save_json,
+    save_tensors,
+)
 from cmkit.sampling import check_times
 
 SIDECAR = "cmkit.json"
@@ -132,9 +140,7 @@ def import_pipeline(pipeline_dir: str | Path, out_dir: str | Path) -> Path:
     _read_json(src / "model_index.json", "ConsistencyModelPipeline")
     scheduler = _read_json(src / "scheduler" / "scheduler_config.json", "CMStochastic")
     process = _process_of(scheduler, src)
-    unet = require_diffusers().UNet2DModel.from_pretrained(
-        src / "unet", local_files_only=True, low_cpu_mem_usage=False
-    )
+    unet = _load_unet(src / "unet")
     kwargs = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     if kwargs.get("num_class_embeds") or kwargs["in_channels"] != kwargs["out_channels"]:
         raise UserError(f"{src}: cmkit imports unconditional UNets with in = out channels")
@@ -146,6 +152,18 @@ def import_pipeline(pipeline_dir: str | Path, out_dir: str | Path) -> Path:
     save_tensors(out / "ema.safetensors", net.state_dict())
     save_json(out / "config.json", config)
     return out
+
+
+def _load_unet(folder: Path):
+    """The folder's UNet2DModel from safetensors only: a pickled .bin is refused, never read."""
+    diffusers = require_diffusers()
+    try:
+        return diffusers.UNet2DModel.from_pretrained(
+            folder, local_files_only=True, low_cpu_mem_usage=False, use_safetensors=True
+        )
+    except (OSError, ValueError) as err:  # missing or unreadable files, bad configs
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load the UNet in {folder} from safetensors: {reason}") from None
 
 
 def _read_json(path: Path, class_prefix: str) -> dict:
@@ -173,7 +191,9 @@ def _imported_config(src: Path, process: EDMProcess, network: dict, scheduler: d
     side = kwargs["sample_size"]
     height, width = (side, side) if isinstance(side, int) else side
     shape = [kwargs["in_channels"], height, width]
-    sidecar = json.loads((src / SIDECAR).read_text()) if (src / SIDECAR).is_file() else {}
+    sidecar = read_json(src / SIDECAR) if (src / SIDECAR).is_file() else {}
+    if not isinstance(sidecar, dict):
+        raise UserError(f"{src / SIDECAR} must hold a JSON object")
     data = sidecar.get("data") or {
         "spec": f"diffusers:{src.resolve()}",
         "holdout": 0.0,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cmkit import editing
-from cmkit.data import IMAGE_SUFFIXES, load_data, load_image
+from cmkit.data import IMAGE_SUFFIXES, load_data, load_image, read_array
 from cmkit.editing import MASKS, TASKS
 from cmkit.errors import UserError
 from cmkit.generate import Model, cm_times
@@ -232,7 +232,7 @@ def _hole(spec: str, model: Model, shape: torch.Size, gen) -> torch.Tensor:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         mask = load_image(path)[0].max(axis=0) >= 128  # white (>= 128) = fill in
     else:
-        mask = np.load(path, allow_pickle=False)
+        mask = read_array(path)
         if not np.isin(mask, (0, 1)).all():
             raise UserError(f"--mask {spec}: values must be 0 (keep) or 1 (fill in)")
     allowed = [tuple(shape[k:]) for k in range(len(shape) - 1, -1, -1)]  # trailing axes

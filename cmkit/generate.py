@@ -76,6 +76,8 @@ def generate(
     """
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
     if solver not in (None, "euler", "heun"):
         raise UserError(f"--solver must be 'euler' or 'heun', got {solver!r}")
     if times is not None and model.kind == "teacher":

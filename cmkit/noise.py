@@ -11,6 +11,8 @@ import torch
 
 from cmkit.errors import UserError
 
+MAX_SCALES = 100_000  # far beyond any published N (1280); bounds memory and time per step
+
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """The Karras grid t_1 < … < t_N, ascending, float64, endpoints exactly σ_min and σ_max.
@@ -19,16 +21,24 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     """
     check_grid_args(n, sigma_min, sigma_max)
     ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    try:
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    except OverflowError:  # e.g. ρ = 1e-300; the check below reports it
+        lo, hi = math.inf, math.inf
     grid = (lo + ramp * (hi - lo)) ** rho
     grid[0], grid[-1] = sigma_min, sigma_max  # exact endpoints despite the root/power round trip
+    if not (torch.isfinite(grid).all() and (grid.diff() > 0).all()):
+        raise UserError(
+            f"sigma_min={sigma_min}, sigma_max={sigma_max}, rho={rho} give no strictly "
+            f"increasing grid of {n} finite points in float64; expected moderate values"
+        )
     return grid
 
 
 def check_grid_args(n: int, t_min: float, t_max: float) -> None:
     """Reject grids that cannot exist, with a message naming the bad value."""
-    if n < 2:
-        raise UserError(f"a noise grid needs N >= 2 points, got N={n}")
+    if not 2 <= n <= MAX_SCALES:
+        raise UserError(f"a noise grid needs N >= 2 and N <= {MAX_SCALES} points, got N={n}")
     if not (0 <= t_min < t_max):
         raise UserError(f"need 0 <= t_min < t_max, got t_min={t_min}, t_max={t_max}")
 

@@ -6,6 +6,7 @@ directory and returns it.
 """
 
 import copy
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -23,9 +24,23 @@ from cmkit.losses import (
     flow_matching_loss,
     make_distance,
 )
-from cmkit.noise import CTCurriculum, FixedScales, ICTCurriculum
+from cmkit.noise import (
+    MAX_SCALES,
+    CTCurriculum,
+    FixedScales,
+    ICTCurriculum,
+    lognormal_index_probs,
+)
 from cmkit.process import EDMProcess, FlowProcess, Process, process_from_dict
-from cmkit.runs import build_network, load_config, load_network, restore_state, save_checkpoint
+from cmkit.runs import (
+    FORMAT,
+    build_network,
+    finish_checkpoint,
+    load_config,
+    load_network,
+    restore_state,
+    save_checkpoint,
+)
 from cmkit.train import TrainState, train
 
 
@@ -44,6 +59,7 @@ class Common:
     resume: bool = False
     checkpoint_every: int = 1000
     progress: bool = True
+    on_nonfinite: str = "stop"  # or "skip": drop batches with a NaN/inf loss or gradient
     network: dict = field(default_factory=dict)  # overrides of the default network kwargs
     backbone: str | None = None  # "builtin" or "diffusers-unet"; None: builtin (distill: teacher's)
 
@@ -51,20 +67,29 @@ class Common:
 # Defaults sized for 2 CPU cores; their measured results are in BENCHMARKS.md.
 VECTOR_DEFAULTS = {"teacher_steps": 6000, "cm_steps": 6000, "batch_size": 512, "lr": 1e-3}
 IMAGE_DEFAULTS = {"teacher_steps": 4000, "cm_steps": 3000, "batch_size": 64, "lr": 4e-4}
+LR_MAX = torch.finfo(torch.float32).max / 10
 
 
 def defaults_for(shape: tuple[int, ...]) -> dict:
     return VECTOR_DEFAULTS if len(shape) == 1 else IMAGE_DEFAULTS
 
 
-def _build(net_spec: dict):
-    """The network, with a bad --network setting reported as a user error."""
+def _build(net_spec: dict, shape: tuple[int, ...]) -> nn.Module:
+    """The network, tried on one zero input of the data's shape (in eval mode, so no random
+    numbers are drawn) so that a bad --network setting or an image size the network cannot
+    take is reported now as a user error, not as a traceback from the first training step."""
     try:
-        return build_network(net_spec)
+        net = build_network(net_spec)
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, *shape), torch.zeros(1))
     except UserError:
         raise
-    except (TypeError, ValueError) as err:
-        raise UserError(f"bad --network settings {net_spec['kwargs']}: {err}") from None
+    except (TypeError, ValueError, RuntimeError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"--network {net_spec['kwargs']} does not fit data of shape {shape}: {reason}"
+        ) from None
+    return net.train()
 
 
 BACKBONES = ("builtin", "diffusers-unet")
@@ -153,7 +178,7 @@ def make_process(name: str, **edm_kwargs) -> Process:
 
 def _check_positive(**values) -> None:
     for name, value in values.items():
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
@@ -166,13 +191,49 @@ def _start(common: Common, config: dict, online, target, net) -> TrainState:
     ema = copy.deepcopy(net).requires_grad_(False)
     optimizer = torch.optim.Adam(online.parameters(), lr=config["training"]["lr"])
     state = TrainState(online, optimizer, torch.Generator().manual_seed(common.seed), ema, target)
-    out = Path(common.out)
+    out = _prepare_out(Path(common.out))
     if common.resume:
-        load_config(out, config["kind"])
+        _check_same_run(out, load_config(out, config["kind"]), config)
         restore_state(out, state)
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or pick --out")
     return state
+
+
+def _prepare_out(out: Path) -> Path:
+    """Create the run directory now (not at the first checkpoint) and finish any checkpoint
+    a crash left committed but not yet renamed."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot use --out {out} as a run directory: {err.strerror}") from None
+    finish_checkpoint(out)
+    return out
+
+
+def _check_same_run(out: Path, saved: dict, config: dict) -> None:
+    """--resume continues the run it finds: everything but the step count must match.
+
+    The sampling section is not compared: tuned times belong to the weights they were tuned
+    on, so the checkpoints to come drop them (see runs.store_times)."""
+    new = json.loads(json.dumps({"format": FORMAT, **config}))
+    new["training"]["steps"] = saved.get("training", {}).get("steps")
+    new["sampling"] = saved.get("sampling")
+    changed = list(_differences(saved, new))
+    if changed:
+        raise UserError(
+            f"--resume: {out} was trained with other settings ({'; '.join(changed[:3])}); "
+            "only --steps may change when resuming"
+        )
+
+
+def _differences(old, new, path: str = ""):
+    """'key: old -> new' for every leaf where two JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() | new.keys()):
+            yield from _differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+    elif old != new:
+        yield f"{path}: {old!r} -> {new!r}"
 
 
 def _fit(common: Common, config: dict, state: TrainState, data, loss_fn, target_mu) -> Path:
@@ -188,6 +249,7 @@ def _fit(common: Common, config: dict, state: TrainState, data, loss_fn, target_
         checkpoint=lambda s: save_checkpoint(out, config, s),
         checkpoint_every=common.checkpoint_every,
         progress=common.progress,
+        on_nonfinite=common.on_nonfinite,
     )
     return out
 
@@ -208,6 +270,11 @@ def _training_section(common: Common, shape, steps_key: str, **extra) -> dict:
         lr=section["lr"],
         checkpoint_every=common.checkpoint_every,
     )
+    if not section["lr"] < LR_MAX:
+        raise UserError(
+            f"--lr must be below {LR_MAX:.3g}, got {section['lr']}: Adam's first step "
+            "moves weights by up to 10·lr, which must fit in float32"
+        )
     if not 0 <= common.ema_rate < 1:
         raise UserError(f"--ema-rate must be in [0, 1), got {common.ema_rate}")
     return section
@@ -217,10 +284,9 @@ def _from_data(common: Common, data_spec: str) -> tuple[torch.Tensor, dict, dict
     """Seeded start of a run trained on data: training split, data section, network spec, net."""
     torch.manual_seed(common.seed)
     data, section = load_training_data(data_spec, common.holdout)
-    net_spec = default_network(
-        tuple(section["shape"]), common.network, common.backbone or "builtin"
-    )
-    return data, section, net_spec, _build(net_spec)
+    shape = tuple(section["shape"])
+    net_spec = default_network(shape, common.network, common.backbone or "builtin")
+    return data, section, net_spec, _build(net_spec, shape)
 
 
 def _run_config(kind, common, proc, net_spec, section, steps_key, sampling, **training) -> dict:
@@ -274,7 +340,7 @@ def distill_run(
     train_x, _ = datalib.split_holdout(datalib.load_data(section["spec"]), section["holdout"])
     data = torch.from_numpy(scaler.to_model(train_x))
     net_spec = _student_network(teacher_config, common.backbone, init_from_teacher)
-    net = _build(net_spec)
+    net = _build(net_spec, tuple(section["shape"]))
     if init_from_teacher:
         net.load_state_dict(teacher_net.state_dict())
     config = _run_config(
@@ -341,36 +407,63 @@ class CTOptions:
     p_std: float = 2.0
 
 
-def _ct_loss(opts: CTOptions, proc: Process, steps: int, shape: list[int]):
-    """The CT loss and its curriculum for the chosen recipe."""
+def _check_pairs(opts: CTOptions, proc: Process) -> None:
+    """Uniform pairs, or lognormal ones on EDM with some probability mass inside [σ_min, σ_max]."""
     if opts.pairs not in ("uniform", "lognormal"):
         raise UserError(f"--pairs must be 'uniform' or 'lognormal', got {opts.pairs!r}")
-    if opts.pairs == "lognormal" and proc.name != "edm":
+    if opts.pairs == "uniform":
+        return
+    if proc.name != "edm":
         raise UserError("--pairs lognormal needs --process edm (flow times are uniform in [0, 1])")
+    # every grid shares the endpoints, so the mass on a 2-point grid is the mass on any grid
+    if (
+        not opts.p_std > 0
+        or not torch.isfinite(lognormal_index_probs(proc.grid(2), opts.p_mean, opts.p_std)).all()
+    ):
+        raise UserError(
+            f"--p-mean {opts.p_mean} and --p-std {opts.p_std} put no probability on "
+            f"[σ_min, σ_max]; expected p_std > 0 and p_mean near ln σ of the grid"
+        )
+
+
+def _curriculum(opts: CTOptions, steps: int) -> ICTCurriculum | CTCurriculum:
+    """N(k), and μ(k) for ct, with the recipe's defaults (ict: s0 10, s1 1280; ct: 2, 150)."""
+    if opts.recipe not in ("ct", "ict"):
+        raise UserError(f"unknown recipe {opts.recipe!r}; expected 'ct' or 'ict'")
+    ict = opts.recipe == "ict"
+    s0 = opts.s0 if opts.s0 is not None else 10 if ict else 2
+    s1 = opts.s1 if opts.s1 is not None else 1280 if ict else 150
+    s0_min = 1 if ict else 2  # N(0) = s0 + 1 for ict, s0 for ct; N >= 2
+    if not s0_min <= s0 <= s1 < MAX_SCALES:
+        raise UserError(
+            f"need {s0_min} <= s0 <= s1 < {MAX_SCALES} so that 2 <= N <= {MAX_SCALES}, "
+            f"got s0={s0}, s1={s1}"
+        )
+    if ict:
+        return ICTCurriculum(steps, s0, s1)
+    if opts.mu_variant not in ("paper", "openai"):
+        raise UserError(f"--mu-variant must be 'paper' or 'openai', got {opts.mu_variant!r}")
+    if not 0 < opts.mu0 < 1:
+        raise UserError(f"--mu0 must be in (0, 1), got {opts.mu0}")
+    return CTCurriculum(steps, s0, s1, opts.mu0, opts.mu_variant)
+
+
+def _ct_loss(opts: CTOptions, proc: Process, steps: int, shape: list[int]):
+    """The CT loss and its curriculum for the chosen recipe."""
     if opts.weighting not in (None, "uniform", "ict"):
         raise UserError(f"--weighting must be 'uniform' or 'ict', got {opts.weighting!r}")
-    s0_min = 1 if opts.recipe == "ict" else 2  # N(0) = s0 + 1 for ict, s0 for ct; N >= 2
-    if opts.s0 is not None and (opts.s0 < s0_min or (opts.s1 is not None and opts.s1 < opts.s0)):
-        raise UserError(
-            f"need s0 >= {s0_min} and s1 >= s0 so that N >= 2, got s0={opts.s0}, s1={opts.s1}"
-        )
-    if opts.recipe == "ict":
-        curriculum = ICTCurriculum(steps, opts.s0 or 10, opts.s1 or 1280)
-        distance, weighting = opts.distance or "pseudo-huber", opts.weighting or "ict"
-    elif opts.recipe == "ct":
-        if opts.mu_variant not in ("paper", "openai"):
-            raise UserError(f"--mu-variant must be 'paper' or 'openai', got {opts.mu_variant!r}")
-        curriculum = CTCurriculum(steps, opts.s0 or 2, opts.s1 or 150, opts.mu0, opts.mu_variant)
-        distance, weighting = opts.distance or "l2", opts.weighting or "uniform"
-    else:
-        raise UserError(f"unknown recipe {opts.recipe!r}; expected 'ct' or 'ict'")
+    _check_pairs(opts, proc)
+    curriculum = _curriculum(opts, steps)
+    for step in (0, steps):  # the curriculum's first and last grids, checked before training
+        proc.grid(curriculum.scales(step))
+    ict = opts.recipe == "ict"
     loss = ConsistencyLoss(
         proc,
         curriculum,
         UnbiasedEstimate(proc.perturb),
-        _distance(distance, shape),
+        _distance(opts.distance or ("pseudo-huber" if ict else "l2"), shape),
         opts.pairs,
-        weighting,
+        opts.weighting or ("ict" if ict else "uniform"),
         opts.p_mean,
         opts.p_std,
     )

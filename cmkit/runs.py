@@ -1,4 +1,4 @@
-"""Run directories: config.json plus safetensors weights, written atomically, read safely.
+"""Run directories: config.json plus safetensors weights, committed atomically, read safely.
 
 A run directory holds everything needed to rebuild the model and its sampler without
 unpickling code:
@@ -6,10 +6,18 @@ unpickling code:
   online/target/ema.safetensors   the plain network's weights
   trainer.safetensors   optimiser tensors and RNG states, for --resume
   state.json            step, loss curve, optimiser hyper-parameters
+
+A checkpoint is several files that must agree, so it is written like a journal: every file
+is staged as NAME.tmp and fsynced, then checkpoint.commit (the list of names) is written
+atomically, then the staged files are renamed over the old ones. A crash before the commit
+leaves the previous checkpoint untouched; a crash after it is finished by
+`finish_checkpoint` (renaming is idempotent), so a run killed at any moment resumes from a
+consistent set of files.
 """
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,24 +32,62 @@ from cmkit.train import TrainState
 
 FORMAT = 1
 KINDS = ("teacher", "consistency")
+COMMIT = "checkpoint.commit"
+CHECKPOINT_FILES = (
+    "config.json",
+    "online.safetensors",
+    "ema.safetensors",
+    "target.safetensors",
+    "trainer.safetensors",
+    "state.json",
+)
+Writer = Callable[[Path], object]
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)` then rename, so a crash never leaves a torn file."""
+def fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable; a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def stage(path: Path, write: Writer) -> Path:
+    """Write through `write(tmp_path)` to PATH.tmp and flush it to disk; returns the tmp path."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    return tmp
 
 
-def save_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+def atomic_write(path: Path, write: Writer) -> None:
+    """Stage then rename, so a crash never leaves a torn file."""
+    os.replace(stage(path, write), path)
+    fsync_dir(path.parent)
+
+
+def _json_writer(obj) -> Writer:
+    return lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _tensors_writer(tensors: dict[str, torch.Tensor]) -> Writer:
+    plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return lambda tmp: save_file(plain, str(tmp))
+
+
+def save_json(path: Path, obj) -> None:
+    atomic_write(path, _json_writer(obj))
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(plain, str(tmp)))
+    atomic_write(path, _tensors_writer(tensors))
 
 
 def build_network(spec: dict) -> nn.Module:
@@ -60,14 +106,8 @@ def build_network(spec: dict) -> nn.Module:
     )
 
 
-def save_checkpoint(run_dir: Path, config: dict, state: TrainState) -> None:
-    """Weights first, then the state that points at them, each file atomically."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(run_dir / "config.json", {"format": FORMAT, **config})
-    save_tensors(run_dir / "online.safetensors", state.online.net.state_dict())
-    save_tensors(run_dir / "ema.safetensors", state.ema.state_dict())
-    if state.target is not None:
-        save_tensors(run_dir / "target.safetensors", state.target.net.state_dict())
+def _trainer_tensors(state: TrainState) -> dict[str, torch.Tensor]:
+    """Optimiser moments and RNG states: what, with the weights, makes resume exact."""
     opt = state.optimizer.state_dict()
     tensors = {
         f"optimizer.{i}.{k}": torch.as_tensor(v)
@@ -76,14 +116,71 @@ def save_checkpoint(run_dir: Path, config: dict, state: TrainState) -> None:
     }
     tensors["generator"] = state.generator.get_state()
     tensors["torch_rng"] = torch.get_rng_state()
-    save_tensors(run_dir / "trainer.safetensors", tensors)
-    meta = {
-        "step": state.step,
-        "losses": state.losses,
-        "seconds": state.seconds,
-        "param_groups": opt["param_groups"],
+    return tensors
+
+
+def save_checkpoint(run_dir: Path, config: dict, state: TrainState) -> None:
+    """Stage every file, commit them together, then rename (see the module docstring)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "config.json": _json_writer({"format": FORMAT, **config}),
+        "online.safetensors": _tensors_writer(state.online.net.state_dict()),
+        "ema.safetensors": _tensors_writer(state.ema.state_dict()),
+        "trainer.safetensors": _tensors_writer(_trainer_tensors(state)),
+        "state.json": _json_writer(
+            {
+                "step": state.step,
+                "losses": state.losses,
+                "running": state.running,
+                "skipped": state.skipped,
+                "seconds": state.seconds,
+                "param_groups": state.optimizer.state_dict()["param_groups"],
+            }
+        ),
     }
-    save_json(run_dir / "state.json", meta)
+    if state.target is not None:
+        files["target.safetensors"] = _tensors_writer(state.target.net.state_dict())
+    for name, write in files.items():
+        stage(run_dir / name, write)
+    fsync_dir(run_dir)
+    save_json(run_dir / COMMIT, sorted(files))  # the commit point
+    finish_checkpoint(run_dir)
+
+
+def finish_checkpoint(run_dir: Path) -> None:
+    """Complete a committed checkpoint's renames and drop files staged without a commit."""
+    commit = run_dir / COMMIT
+    if commit.is_file():
+        committed = read_json(commit)
+        for name in CHECKPOINT_FILES:
+            tmp = run_dir / f"{name}.tmp"
+            if name in committed and tmp.is_file():
+                os.replace(tmp, run_dir / name)
+        fsync_dir(run_dir)
+        commit.unlink()
+        fsync_dir(run_dir)
+    for name in (*CHECKPOINT_FILES, COMMIT):
+        (run_dir / f"{name}.tmp").unlink(missing_ok=True)
+
+
+def read_json(path: Path):
+    """A JSON file's value, or a UserError naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"{path} is not valid JSON ({err})") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; anything else (a pickle, a torn file) is refused unread."""
+    if not path.is_file():
+        raise UserError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
 
 
 def load_config(run_dir: str | Path, kind: str | None = None) -> dict:
@@ -91,10 +188,7 @@ def load_config(run_dir: str | Path, kind: str | None = None) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a cmkit run directory (no config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err})") from None
+    config = read_json(path)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else None
         raise UserError(f"{path} has run format {found!r}; this cmkit reads format {FORMAT}")
@@ -117,11 +211,10 @@ def store_times(run_dir: str | Path, steps: int, times: list[float], note: dict)
 
 def load_weights(module: nn.Module, path: Path) -> None:
     """Load safetensors weights, refusing files that do not match the architecture."""
-    if not path.is_file():
-        raise UserError(f"missing weights file {path}")
+    tensors = read_tensors(path)
     try:
-        module.load_state_dict(load_file(str(path)))
-    except Exception as err:  # safetensors header errors and key/shape mismatches alike
+        module.load_state_dict(tensors)
+    except RuntimeError as err:  # key and shape mismatches
         raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
 
 
@@ -139,14 +232,21 @@ def restore_state(run_dir: Path, state: TrainState) -> None:
     load_weights(state.ema, run_dir / "ema.safetensors")
     if state.target is not None:
         load_weights(state.target.net, run_dir / "target.safetensors")
-    meta = json.loads((run_dir / "state.json").read_text())
-    tensors = load_file(str(run_dir / "trainer.safetensors"))
-    slots: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, i, name = key.split(".", 2)
-            slots.setdefault(int(i), {})[name] = value
-    state.optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-    state.generator.set_state(tensors["generator"])
-    torch.set_rng_state(tensors["torch_rng"])
-    state.step, state.losses, state.seconds = meta["step"], meta["losses"], meta["seconds"]
+    meta = read_json(run_dir / "state.json")
+    tensors = read_tensors(run_dir / "trainer.safetensors")
+    try:
+        slots: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, i, name = key.split(".", 2)
+                slots.setdefault(int(i), {})[name] = value
+        state.optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+        state.generator.set_state(tensors["generator"])
+        torch.set_rng_state(tensors["torch_rng"])
+        state.step, state.losses, state.seconds = meta["step"], meta["losses"], meta["seconds"]
+        # runs saved before the loss buffer and skip count were recorded resume with empty ones
+        state.running, state.skipped = meta.get("running", []), meta.get("skipped", 0)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(
+            f"{run_dir} holds a damaged trainer state ({err!r}); start a new run"
+        ) from None

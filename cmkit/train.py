@@ -2,20 +2,33 @@
 
 A loss is any callable `loss_fn(online, target, x0, step, generator) -> scalar`; the loop owns
 batching, the optimiser step, the target network (θ⁻ ← μθ⁻ + (1−μ)θ), the EMA used for
-sampling, logging and checkpoint ticks.
+sampling, logging, checkpoint ticks, the NaN/inf guard and a graceful Ctrl-C.
 """
 
+import math
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cmkit.errors import UserError
+
+ON_NONFINITE = ("stop", "skip")
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last checkpoint on disk is still the good one."""
+    """A loss, gradient or weight became NaN or infinite; no checkpoint holds the bad values."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped training between two steps, after saving a checkpoint."""
 
 
 @dataclass
@@ -29,6 +42,8 @@ class TrainState:
     target: nn.Module | None = None  # wrapped copy for θ⁻, or None for teachers
     step: int = 0
     losses: list[float] = field(default_factory=list)  # mean loss per log interval
+    running: list[float] = field(default_factory=list)  # losses since the last log entry
+    skipped: int = 0  # batches skipped for a non-finite loss or gradient
     seconds: float = 0.0  # wall time spent in train()
 
 
@@ -40,6 +55,68 @@ def ema_update(average: nn.Module, current: nn.Module, decay: float) -> None:
             a.lerp_(c, 1.0 - decay)
         else:
             a.copy_(c)
+
+
+def weights_finite(state: TrainState) -> bool:
+    """True when the online, EMA and target weights hold no NaN or inf (checked before saving)."""
+    modules = (state.online, state.ema, state.target)
+    return all(
+        bool(torch.isfinite(t).all())
+        for module in modules
+        if module is not None
+        for t in module.state_dict().values()
+        if t.dtype.is_floating_point
+    )
+
+
+def optimiser_step(
+    state: TrainState, loss_fn: Callable, x0: torch.Tensor, grad_clip: float
+) -> tuple[float, str | None]:
+    """(loss, None) after one clipped Adam step, or (loss, reason) when the loss or the gradient
+    is NaN/inf and no step was taken: nothing non-finite ever reaches the weights."""
+    loss = loss_fn(state.online, state.target, x0, state.step, state.generator)
+    value = loss.item()  # a sync point on GPUs, needed for the check anyway
+    if not math.isfinite(value):
+        return value, f"the loss is {value}"
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(state.online.parameters(), grad_clip).item()
+    if not math.isfinite(norm):
+        return value, f"the gradient norm is {norm}"
+    state.optimizer.step()
+    return value, None
+
+
+@contextmanager
+def stop_on_sigint() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C, so the loop can save and stop between steps.
+
+    A second Ctrl-C gets the previous handler back (an immediate KeyboardInterrupt; the
+    checkpoint files stay consistent because they are committed together). Nothing is
+    installed outside the main thread or where SIGINT is ignored.
+    """
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not main_thread or previous in (signal.SIG_IGN, None):  # None: set outside Python
+        yield stop
+        return
+
+    def request_stop(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _kept(saved: int | None) -> str:
+    if saved is None:
+        return "no checkpoint was written"
+    return f"the checkpoint after step {saved} is kept"
 
 
 def train(
@@ -55,36 +132,63 @@ def train(
     checkpoint_every: int = 1000,
     progress: bool = True,
     log_every: int = 50,
+    on_nonfinite: str = "stop",
 ) -> TrainState:
-    """Run `steps` optimiser steps from `state.step`; `data` is in model units on the device."""
+    """Run `steps` optimiser steps from `state.step`; `data` is in model units on the device.
+
+    on_nonfinite: "stop" raises TrainingDiverged at the first NaN/inf loss or gradient;
+    "skip" drops that batch (no optimiser, target or EMA update) and counts it in
+    state.skipped. Ctrl-C saves a checkpoint at the current step and raises
+    TrainingInterrupted. With the same state, data and seed, every step is reproducible, so
+    a run resumed from any checkpoint ends bit-identical to one that never stopped.
+    """
+    if on_nonfinite not in ON_NONFINITE:
+        raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
     device = next(state.online.parameters()).device
+    saved = state.step if checkpoint is not None and state.step > 0 else None
     bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="training")
-    running, started, seconds_before = [], time.perf_counter(), state.seconds
-    while state.step < steps:
-        # data: sampling with replacement from the CPU generator keeps runs reproducible
-        idx = torch.randint(0, data.shape[0], (batch_size,), generator=state.generator)
-        x0 = data[idx.to(data.device)].to(device)
-        loss = loss_fn(state.online, state.target, x0, state.step, state.generator)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} at step {state.step}")
-        # backward, clip, step
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(state.online.parameters(), grad_clip)
-        state.optimizer.step()
-        # target network and the sampling EMA
-        if state.target is not None:
-            ema_update(state.target, state.online, target_mu(state.step))
-        ema_update(state.ema, state.online.net, ema_rate)
-        state.step += 1
-        running.append(loss.item())
-        if state.step % log_every == 0 or state.step == steps:
-            state.losses.append(sum(running) / len(running))
-            bar.set_postfix(loss=f"{state.losses[-1]:.4g}")
-            running = []
-        bar.update(1)
-        state.seconds = seconds_before + time.perf_counter() - started
-        if checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == steps):
-            checkpoint(state)
-    bar.close()
+    started, seconds_before = time.perf_counter(), state.seconds
+    with bar, stop_on_sigint() as stop:
+        while state.step < steps:
+            # data: sampling with replacement from the CPU generator keeps runs reproducible
+            idx = torch.randint(0, data.shape[0], (batch_size,), generator=state.generator)
+            x0 = data[idx.to(data.device)].to(device)
+            loss, problem = optimiser_step(state, loss_fn, x0, grad_clip)
+            if problem is None:
+                # target network and the sampling EMA
+                if state.target is not None:
+                    ema_update(state.target, state.online, target_mu(state.step))
+                ema_update(state.ema, state.online.net, ema_rate)
+                state.running.append(loss)
+            elif on_nonfinite == "stop":
+                raise TrainingDiverged(f"{problem} at step {state.step + 1}; {_kept(saved)}")
+            else:
+                state.skipped += 1
+                tqdm.write(f"step {state.step + 1}: {problem}; batch skipped", file=sys.stderr)
+            state.step += 1
+            _log(state, bar, state.step % log_every == 0 or state.step == steps)
+            state.seconds = seconds_before + time.perf_counter() - started
+            due = state.step % checkpoint_every == 0 or state.step == steps or stop.is_set()
+            if checkpoint is not None and due:
+                if not weights_finite(state):
+                    raise TrainingDiverged(
+                        f"the weights are not finite after step {state.step}; {_kept(saved)}"
+                    )
+                checkpoint(state)
+                saved = state.step
+            if stop.is_set():
+                done = "saved a checkpoint" if saved == state.step else "saved nothing"
+                raise TrainingInterrupted(f"interrupted after step {state.step} and {done}")
     return state
+
+
+def _log(state: TrainState, bar: tqdm, due: bool) -> None:
+    """Append the mean loss of the interval (if any batch was not skipped) to the curve."""
+    bar.update(1)
+    if not due:
+        return
+    if state.running:
+        state.losses.append(sum(state.running) / len(state.running))
+        postfix = {"loss": f"{state.losses[-1]:.4g}"}
+        bar.set_postfix(postfix | ({"skipped": state.skipped} if state.skipped else {}))
+    state.running = []

@@ -224,3 +224,28 @@ def test_distill_into_a_diffusers_student(exported, capsys):
     out = capsys.readouterr().out  # N = 18: the default τ = 2.52 lies between grid points
     assert "--steps 1 --seed S  ==  pipe(num_inference_steps=None, timesteps=[0]" in out
     assert "--steps 2 --seed S  ==  not expressible" in out and "nearest" in out
+
+
+class _Payload:
+    """Unpickling this would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_import_reads_safetensors_only(exported, tmp_path, capsys):
+    """A pickled diffusion_pytorch_model.bin in place of the safetensors file is refused."""
+    import pickle
+    import shutil
+
+    pipe, marker = tmp_path / "pipe", tmp_path / "pwned"
+    shutil.copytree(exported / "pipe", pipe)
+    (pipe / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    payload = pickle.dumps({"conv_in.weight": _Payload(str(marker))})
+    (pipe / "unet" / "diffusion_pytorch_model.bin").write_bytes(payload)
+    assert run_cli("import-diffusers", "--pipeline", pipe, "--out", tmp_path / "run") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "from safetensors" in line and not marker.exists()

@@ -262,3 +262,106 @@ def test_resume_continues_exactly(tmp_path):
     assert_same(params(resumed.target), params(straight.target))
     assert_same(params(resumed.ema), params(straight.ema))
     assert torch.equal(resumed.generator.get_state(), straight.generator.get_state())
+
+
+def test_resume_keeps_the_loss_curve(tmp_path):
+    """The running loss buffer is checkpointed, so a log interval spanning the stop averages the
+    same batches as an uninterrupted run."""
+
+    def to_12(state, **kwargs):
+        return train(
+            state, LOSS, DATA, 12, 32, 0.9, lambda k: 0.5, progress=False, log_every=4, **kwargs
+        )
+
+    def save_at_6(state):
+        if state.step == 6:
+            save_checkpoint(tmp_path, config(), state)
+
+    straight = to_12(make_state(0), checkpoint=save_at_6, checkpoint_every=6)
+    resumed = make_state(3)
+    restore_state(tmp_path, resumed)
+    assert resumed.step == 6 and len(resumed.running) == 2
+    assert to_12(resumed).losses == straight.losses and len(straight.losses) == 3
+
+
+# ---------------------------------------------------------------- crashes while saving
+
+
+class Crash(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no handler sees it."""
+
+
+def _files(run_dir):
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+def test_a_crash_at_any_write_leaves_one_whole_checkpoint(tmp_path, monkeypatch):
+    """Kill the writer before each fsync or rename of a checkpoint in turn: after
+    finish_checkpoint (what --resume runs first) the files are exactly the old checkpoint or
+    exactly the new one, never a mix."""
+    import os
+
+    from cmkit import runs
+
+    first = run_to(make_state(0), 4)
+    save_checkpoint(tmp_path / "old", config(), first)
+    second = run_to(first, 8)
+    save_checkpoint(tmp_path / "new", config(), second)
+    old, new = _files(tmp_path / "old"), _files(tmp_path / "new")
+    assert old != new
+    real = {"fsync": lambda fd: None, "replace": os.replace}  # durability is not under test
+    outcomes = []
+    for crash_at in range(40):
+        run_dir = tmp_path / f"crash{crash_at}"
+        run_dir.mkdir()
+        for name, data in old.items():
+            (run_dir / name).write_bytes(data)
+        calls = []
+
+        def counted(name, calls=calls, crash_at=crash_at):
+            def op(*args):
+                calls.append(name)
+                if len(calls) > crash_at:
+                    raise Crash
+                return real[name](*args)
+
+            return op
+
+        with monkeypatch.context() as m:
+            m.setattr(runs.os, "fsync", counted("fsync"))
+            m.setattr(runs.os, "replace", counted("replace"))
+            try:
+                save_checkpoint(run_dir, config(), second)
+            except Crash:
+                pass
+            else:
+                break
+        runs.finish_checkpoint(run_dir)
+        files = _files(run_dir)
+        assert files in (old, new), crash_at
+        outcomes.append(files == new)
+    assert outcomes.count(False) >= 7 and outcomes.count(True) >= 7  # both sides were hit
+    assert _files(tmp_path / f"crash{crash_at}") == new  # the run without a crash
+
+
+# ---------------------------------------------------------------- damaged trainer state
+
+
+@pytest.mark.parametrize("name", ["online.safetensors", "trainer.safetensors"])
+def test_pickle_in_a_resume_file_is_refused_not_executed(tmp_path, name):
+    save_checkpoint(tmp_path, config(), run_to(make_state(), 2))
+    marker = tmp_path / "pwned"
+    torch.save({"w": Payload(str(marker))}, tmp_path / name)
+    with pytest.raises(UserError, match=f"cannot load .*{name}"):
+        restore_state(tmp_path, make_state())
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "text,needle", [("{not json", "not valid JSON"), ("[1, 2]", "damaged"), ("{}", "damaged")]
+)
+def test_damaged_state_json(tmp_path, text, needle):
+    save_checkpoint(tmp_path, config(), run_to(make_state(), 2))
+    (tmp_path / "state.json").write_text(text)
+    with pytest.raises(UserError, match=needle):
+        restore_state(tmp_path, make_state())
