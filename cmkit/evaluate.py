@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from cmkit import data as datalib
@@ -20,6 +19,7 @@ from cmkit.features import make_extractor
 from cmkit.generate import Model, generate
 from cmkit.metrics import (
     energy_distance,
+    extract_features,
     frechet_distance,
     kernel_distance,
     knn_precision_recall,
@@ -64,7 +64,7 @@ class Scorer:
         name = self.extractor.name
         feats = self.extractor
         precision, recall = knn_precision_recall(
-            _feature_array(feats, y[:MMD_POINTS]), _feature_array(feats, x[:MMD_POINTS])
+            extract_features(feats, y[:MMD_POINTS]), extract_features(feats, x[:MMD_POINTS])
         )
         return {
             f"FD-{name}": frechet_distance(y, x, feats),
@@ -75,11 +75,6 @@ class Scorer:
 
     def _unit(self, images: np.ndarray) -> np.ndarray:
         return (self.scaler.to_model(images) + 1) / 2
-
-
-def _feature_array(extractor: nn.Module, images: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return extractor(torch.as_tensor(images, dtype=torch.float32)).double().numpy()
 
 
 def make_scorer(model: Model, reference: np.ndarray, features: str | None = None) -> Scorer:

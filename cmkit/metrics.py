@@ -102,7 +102,8 @@ def knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tupl
     return coverage(a, b), coverage(b, a)
 
 
-def _features(extractor: nn.Module, images: np.ndarray, batch: int = 500) -> torch.Tensor:
+def extract_features(extractor: nn.Module, images: np.ndarray, batch: int = 500) -> torch.Tensor:
+    """(N, F) float64 features of images, in batches, without gradients."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32))
     with torch.no_grad():
         return torch.cat([extractor(x[i : i + batch]) for i in range(0, len(x), batch)]).double()
@@ -117,8 +118,8 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray, extractor: nn.Module) -
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     metric = FrechetInceptionDistance(feature=_Precomputed(extractor.num_features))
-    metric.update(_features(extractor, real), real=True)
-    metric.update(_features(extractor, fake), real=False)
+    metric.update(extract_features(extractor, real), real=True)
+    metric.update(extract_features(extractor, fake), real=False)
     return float(metric.compute())
 
 
@@ -130,7 +131,7 @@ def kernel_distance(
 
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    real_f, fake_f = _features(extractor, real), _features(extractor, fake)
+    real_f, fake_f = extract_features(extractor, real), extract_features(extractor, fake)
     size = min(1000, len(real_f), len(fake_f))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # its note on keeping features in memory
