@@ -9,8 +9,10 @@ search) against the training split, so the held-out split stays unseen.
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+import torch
 from torch import nn
 
 from cmkit import data as datalib
@@ -46,11 +48,16 @@ class Scorer:
         """The headline metric: energy distance for vectors, the Fréchet distance for images."""
         return "ED" if self.extractor is None else f"FD-{self.extractor.name}"
 
+    @cached_property
+    def reference_features(self) -> torch.Tensor:
+        """Extracted once: tuning scores many sample sets against the same reference."""
+        return self._features(self.reference)
+
     def primary_value(self, samples: np.ndarray) -> float:
         """The headline metric alone: what tuning minimises."""
         if self.extractor is None:
             return energy_distance(samples, self.reference)
-        return frechet_distance(self._unit(self.reference), self._unit(samples), self.extractor)
+        return frechet_distance(self.reference_features, self._features(samples))
 
     def __call__(self, samples: np.ndarray) -> dict[str, float]:
         if self.extractor is None:
@@ -60,21 +67,19 @@ class Scorer:
                 "SWD": sliced_wasserstein(x, y),
                 "MMD": mmd_rbf(x[:MMD_POINTS], y[:MMD_POINTS]),
             }
-        x, y = self._unit(samples), self._unit(self.reference)
+        x, y = self._features(samples), self.reference_features
+        precision, recall = knn_precision_recall(y[:MMD_POINTS], x[:MMD_POINTS])
         name = self.extractor.name
-        feats = self.extractor
-        precision, recall = knn_precision_recall(
-            extract_features(feats, y[:MMD_POINTS]), extract_features(feats, x[:MMD_POINTS])
-        )
         return {
-            f"FD-{name}": frechet_distance(y, x, feats),
-            f"KID-{name}": kernel_distance(y, x, feats),
+            f"FD-{name}": frechet_distance(y, x),
+            f"KID-{name}": kernel_distance(y, x),
             "precision": precision,
             "recall": recall,
         }
 
-    def _unit(self, images: np.ndarray) -> np.ndarray:
-        return (self.scaler.to_model(images) + 1) / 2
+    def _features(self, images: np.ndarray) -> torch.Tensor:
+        """Features of images in the user's units, which the extractor reads in [0, 1]."""
+        return extract_features(self.extractor, (self.scaler.to_model(images) + 1) / 2)
 
 
 def make_scorer(model: Model, reference: np.ndarray, features: str | None = None) -> Scorer:

@@ -109,44 +109,44 @@ def extract_features(extractor: nn.Module, images: np.ndarray, batch: int = 500)
         return torch.cat([extractor(x[i : i + batch]) for i in range(0, len(x), batch)]).double()
 
 
-def frechet_distance(real: np.ndarray, fake: np.ndarray, extractor: nn.Module) -> float:
-    """Fréchet distance between Gaussians fitted to the extractor's features (torchmetrics).
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two (n, F) feature sets (torchmetrics).
 
-    This is FID only when the extractor is the standard Inception network; name it after the
-    features otherwise (e.g. "FD-digitsnet"). Images go to the extractor as given.
+    This is FID only when the features are the standard Inception network's; name it after
+    the features otherwise (e.g. "FD-digitsnet"). See `extract_features`.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=_Precomputed(extractor.num_features))
-    metric.update(extract_features(extractor, real), real=True)
-    metric.update(extract_features(extractor, fake), real=False)
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
     return float(metric.compute())
 
 
 def kernel_distance(
-    real: np.ndarray, fake: np.ndarray, extractor: nn.Module, subsets: int = 50, seed: int = 0
+    real: torch.Tensor, fake: torch.Tensor, subsets: int = 50, seed: int = 0
 ) -> float:
-    """KID (cubic-kernel MMD², torchmetrics) averaged over seeded subsets of ≤ 1000 points."""
+    """KID (cubic-kernel MMD², torchmetrics) of two (n, F) feature sets, averaged over seeded
+    subsets of ≤ 1000 points."""
     import warnings
 
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    real_f, fake_f = extract_features(extractor, real), extract_features(extractor, fake)
-    size = min(1000, len(real_f), len(fake_f))
+    size = min(1000, len(real), len(fake))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # its note on keeping features in memory
         metric = KernelInceptionDistance(
-            feature=_Precomputed(extractor.num_features), subsets=subsets, subset_size=size
+            feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size
         )
-    metric.update(real_f, real=True)
-    metric.update(fake_f, real=False)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # torchmetrics draws its subsets from the global generator
         return float(metric.compute()[0])
 
 
 class _Precomputed(nn.Module):
-    """Identity 'extractor' for torchmetrics: features are computed once, outside it."""
+    """Identity 'extractor' for torchmetrics: features are extracted once, outside it."""
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
