@@ -17,11 +17,10 @@ import datetime
 import numpy as np
 from benchmarks_md import write_section
 
-from cmkit.data import load_data, split_holdout
+from cmkit.data import run_splits
 from cmkit.edit_tasks import EditOptions, run_task
 from cmkit.editing import builtin_mask
 from cmkit.generate import load_model
-from cmkit.recipes import held_out_data
 
 STEPS = (1, 2, 4)
 
@@ -97,9 +96,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     model = load_model(args.model)
-    truth = held_out_data(model.config)
-    section = model.config["data"]
-    train = split_holdout(load_data(section["spec"]), section["holdout"])[0]
+    train, truth = run_splits(model.config["data"])
     rows = inpainting_rows(model, truth, train, args) + superres_rows(model, truth, args)
     write_table(rows, len(truth), args)
 

@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
 
-from cmkit.evaluate import Scorer, evaluate, held_out, make_scorer, training_split, tune_times  # noqa: E402
+from cmkit.data import run_splits  # noqa: E402
+from cmkit.evaluate import Scorer, evaluate, make_scorer, tune_times  # noqa: E402
 from cmkit.features import named_extractor, train_classifier  # noqa: E402
 from cmkit.generate import load_model  # noqa: E402
 from cmkit.quickstart import train_all  # noqa: E402
@@ -42,9 +43,8 @@ def mnist_features():
     return named_extractor(train_classifier(x.astype(np.float32), y, epochs=2), "mnistnet")
 
 
-def scorers(name: str, model) -> tuple[Scorer, Scorer]:
+def scorers(name: str, model, train: np.ndarray, held: np.ndarray) -> tuple[Scorer, Scorer]:
     """(held-out scorer for the tables, training-split scorer for tuning the CMs' times)."""
-    held, train = held_out(model, None), training_split(model)
     if name != "mnist":
         return make_scorer(model, held), make_scorer(model, train)
     features = mnist_features()
@@ -70,12 +70,12 @@ def run_data(name: str, runs: Path, scale: float, n: int | None) -> dict:
         for run in ("teacher", "cd", "ict")
     }
     teacher = load_model(str(out / "teacher"))
-    scorer, tune_scorer = scorers(name, teacher)
+    train, held = run_splits(teacher.config["data"])
+    scorer, tune_scorer = scorers(name, teacher, train, held)
     n = n or (2000 if len(teacher.shape) == 3 else 5000)
     result = {"name": name, "seconds": seconds, "n": n, "reference": len(scorer.reference)}
     # the floor: real training samples scored like generated ones
-    real = training_split(teacher)
-    real = real[np.random.default_rng(0).choice(len(real), min(n, len(real)), replace=False)]
+    real = train[np.random.default_rng(0).choice(len(train), min(n, len(train)), replace=False)]
     rows = [{"sampler": "real data (training split)", "nfe": 0, **scorer(real)}]
     rows += [
         {**row, "sampler": f"teacher {row['sampler']}"}

@@ -230,6 +230,11 @@ def split_holdout(x: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.nda
     return x[np.sort(order[n_held:])], x[np.sort(order[:n_held])]
 
 
+def run_splits(section: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) split of a run's data, from its config's data section."""
+    return split_holdout(load_data(section["spec"]), section["holdout"])
+
+
 @dataclass(frozen=True)
 class Scaler:
     """Affine map between the user's units and model units: model = (raw - shift) / scale.

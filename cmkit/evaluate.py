@@ -106,7 +106,7 @@ def held_out(model: Model, data_spec: str | None) -> np.ndarray:
     section = model.config["data"]
     if data_spec is not None and data_spec != section["spec"]:
         return datalib.load_data(data_spec)
-    x = datalib.split_holdout(datalib.load_data(section["spec"]), section["holdout"])[1]
+    x = datalib.run_splits(section)[1]
     if len(x) == 0:
         raise UserError(
             "this run was trained on all of its data (holdout 0); pass --data with held-out data"
@@ -116,8 +116,7 @@ def held_out(model: Model, data_spec: str | None) -> np.ndarray:
 
 def training_split(model: Model) -> np.ndarray:
     """The run's training split, for tuning (tuning on held-out data would flatter the eval)."""
-    section = model.config["data"]
-    return datalib.split_holdout(datalib.load_data(section["spec"]), section["holdout"])[0]
+    return datalib.run_splits(model.config["data"])[0]
 
 
 def teacher_grid_points(solver: str, nfe: int) -> int:

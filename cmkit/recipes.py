@@ -163,8 +163,7 @@ def load_training_data(spec: str, holdout: float) -> tuple[torch.Tensor, dict]:
 
 def held_out_data(config: dict) -> np.ndarray:
     """The held-out split of a run's data, in the user's units."""
-    section = config["data"]
-    return datalib.split_holdout(datalib.load_data(section["spec"]), section["holdout"])[1]
+    return datalib.run_splits(config["data"])[1]
 
 
 def make_process(name: str, **edm_kwargs) -> Process:
@@ -337,7 +336,7 @@ def distill_run(
     proc.grid(num_scales)  # validates N
     section = teacher_config["data"]
     scaler = datalib.Scaler.from_dict(section["scaler"])
-    train_x, _ = datalib.split_holdout(datalib.load_data(section["spec"]), section["holdout"])
+    train_x, _ = datalib.run_splits(section)
     data = torch.from_numpy(scaler.to_model(train_x))
     net_spec = _student_network(teacher_config, common.backbone, init_from_teacher)
     net = _build(net_spec, tuple(section["shape"]))
