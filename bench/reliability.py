@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from cmkit.batch import Batch
 from cmkit.data import load_data
-from cmkit.losses import edm_loss
 from cmkit.process import EDMProcess
 from cmkit.recipes import default_network
 from cmkit.runs import build_network, save_checkpoint
@@ -61,10 +61,8 @@ def teacher_weights(threads: int, steps: int = 50) -> dict[str, torch.Tensor]:
         torch.Generator().manual_seed(0),
         copy.deepcopy(net),
     )
-    data = torch.from_numpy(load_data("moons"))
-    train(
-        state, lambda f, _t, x0, _k, g: edm_loss(f, x0, g), data, steps, 512, 0.99, progress=False
-    )
+    data = Batch(torch.from_numpy(load_data("moons")))
+    train(state, EDMProcess().teacher_loss(), data, steps, 512, 0.99, progress=False)
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 

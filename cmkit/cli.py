@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from cmkit import recipes
 from cmkit.editing import TASKS
 from cmkit.errors import UserError
+from cmkit.process import PROCESSES, EDMProcess
 from cmkit.runs import save_json
 from cmkit.train import ON_NONFINITE, TrainingDiverged, TrainingInterrupted
 
@@ -110,12 +112,20 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     _add_device(p)
 
 
+PROCESS_FLAGS = {  # flag name -> help; each process takes those among its own fields
+    "sigma_min": "edm: ε = σ_min",
+    "sigma_max": "edm: T = σ_max",
+    "rho": "edm: Karras grid exponent ρ",
+    "sigma_data": "σ_data: the data's scale in model units (vectors get std σ_data)",
+}
+
+
 def _add_process(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--process", default="edm", choices=["edm", "flow"])
-    p.add_argument("--sigma-min", type=float, default=0.002, help="edm: ε = σ_min")
-    p.add_argument("--sigma-max", type=float, default=80.0, help="edm: T = σ_max")
-    p.add_argument("--rho", type=float, default=7.0, help="edm: Karras grid exponent ρ")
-    p.add_argument("--sigma-data", type=float, default=0.5, help="edm: σ_data")
+    p.add_argument("--process", default="edm", choices=list(PROCESSES))
+    edm = EDMProcess()
+    for name, text in PROCESS_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=float, help=f"{text} (default {getattr(edm, name):g})")
 
 
 def _add_scoring(p: argparse.ArgumentParser) -> None:
@@ -135,15 +145,13 @@ def _add_scoring(p: argparse.ArgumentParser) -> None:
     _add_device(p)
 
 
-def _edm_kwargs(args: argparse.Namespace) -> dict:
-    if args.process != "edm":
-        return {}
-    return {
-        "sigma_min": args.sigma_min,
-        "sigma_max": args.sigma_max,
-        "rho": args.rho,
-        "sigma_data": args.sigma_data,
-    }
+def _process_params(args: argparse.Namespace) -> dict:
+    """The process flags given, each refused where --process has no such parameter."""
+    accepted = {f.name for f in fields(PROCESSES[args.process])}
+    given = {name: getattr(args, name) for name in PROCESS_FLAGS if getattr(args, name) is not None}
+    for name in given.keys() - accepted:
+        raise UserError(f"--{name.replace('_', '-')} does not apply to --process {args.process}")
+    return given
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -440,7 +448,7 @@ def _save_options(args: argparse.Namespace, out: Path) -> None:
 
 def cmd_train_teacher(args: argparse.Namespace) -> Path:
     _require(args, "data")
-    return recipes.teacher_run(_common(args), args.data, args.process, _edm_kwargs(args))
+    return recipes.teacher_run(_common(args), args.data, args.process, _process_params(args))
 
 
 def cmd_distill(args: argparse.Namespace) -> Path:
@@ -466,7 +474,7 @@ def cmd_train(args: argparse.Namespace) -> Path:
         s1=args.s1,
         mu0=args.mu0,
         mu_variant=args.mu_variant,
-        edm=_edm_kwargs(args),
+        edm=_process_params(args),
         pairs=args.pairs,
         weighting=args.weighting,
         p_mean=args.p_mean,

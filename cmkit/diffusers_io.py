@@ -44,9 +44,10 @@ def check_exportable(run_dir: str | Path, config: dict) -> None:
             f"{run_dir} is a teacher run; export-diffusers takes consistency runs "
             "(the pipeline applies the consistency parameterisation)"
         )
-    if config["process"]["name"] != "edm":
+    process = process_from_dict(config["process"])
+    if process.diffusers_scheduler() is None:
         raise UserError(
-            f"{run_dir} uses the {config['process']['name']} process; "
+            f"{run_dir} uses the {process.name} process; "
             "ConsistencyModelPipeline samples the EDM process only"
         )
     network = config["network"]
@@ -83,11 +84,8 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path, num_scales: int | 
     diffusers = require_diffusers()
     scheduler = diffusers.CMStochasticIterativeScheduler(
         num_train_timesteps=n,
-        sigma_min=process.sigma_min,
-        sigma_max=process.sigma_max,
-        sigma_data=process.sigma_data,
-        rho=process.rho,
         clip_denoised=config["sampling"].get("clip_denoised", False),
+        **process.diffusers_scheduler(),
     )
     pipe = diffusers.ConsistencyModelPipeline(unet=net.unet, scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)

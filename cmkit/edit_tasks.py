@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from cmkit import editing
+from cmkit.batch import NO_COND, Cond
 from cmkit.data import IMAGE_SUFFIXES, load_data, load_image, read_array
 from cmkit.editing import MASKS, TASKS
 from cmkit.errors import UserError
@@ -47,8 +48,11 @@ class Edited:
     after: np.ndarray
 
 
-def run_task(model: Model, task: str, inputs: list[np.ndarray], opts: EditOptions) -> Edited:
-    """Run one task on inputs in model units (interpolate: standard-normal noise arrays)."""
+def run_task(
+    model: Model, task: str, inputs: list[np.ndarray], opts: EditOptions, cond: Cond = NO_COND
+) -> Edited:
+    """Run one task on inputs in model units (interpolate: standard-normal noise arrays);
+    `cond` is the conditioning of the outputs, passed to every network evaluation."""
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if model.kind == "teacher" and task != "denoise":
@@ -61,7 +65,8 @@ def run_task(model: Model, task: str, inputs: list[np.ndarray], opts: EditOption
     gen = torch.Generator().manual_seed(opts.seed)
     device = next(model.fn.parameters()).device
     ys = [torch.from_numpy(y).to(device) for y in inputs]
-    before, after = TASK_FUNCTIONS[task](model, ys, opts, gen)
+    cond = {k: v.to(device) for k, v in cond.items()}
+    before, after = TASK_FUNCTIONS[task](model, ys, opts, gen, cond)
     return Edited(None if before is None else before.cpu().numpy(), after.cpu().numpy())
 
 
@@ -109,16 +114,16 @@ def _f(model: Model):
     return clip_denoised(model.fn) if clip else model.fn
 
 
-def _edit(model: Model, task: str, opts, gen, x_init, **impose):
+def _edit(model: Model, task: str, opts, gen, cond, x_init, impose=editing.identity):
     """Algorithm 4 at the task's times, with one noise per time drawn from `gen`."""
     times = edit_times(model, task, opts)
     noises = [torch.randn(x_init.shape, generator=gen).to(x_init) for _ in times]
-    return editing.edit(_f(model), model.process, x_init, times, noises, **impose)
+    return editing.edit(_f(model), model.process, x_init, times, noises, impose, cond)
 
 
-def _constrained(model: Model, task: str, opts, gen, c: editing.Constraint):
+def _constrained(model: Model, task: str, opts, gen, cond, c: editing.Constraint):
     start = c.start()
-    return start, _edit(model, task, opts, gen, start, impose=c.impose)
+    return start, _edit(model, task, opts, gen, cond, start, c.impose)
 
 
 def _check_shape(y: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
@@ -134,16 +139,16 @@ def _images_only(model: Model, task: str) -> tuple[int, int, int]:
     return model.shape
 
 
-def _inpaint(model: Model, ys, opts, gen):
+def _inpaint(model: Model, ys, opts, gen, cond):
     (y,) = ys
     _check_shape(y, model.shape, "the input")
     if opts.mask is None:
         raise UserError(f"inpaint needs --mask FILE or one of {', '.join(MASKS)}")
     hole = _hole(opts.mask, model, y.shape, gen).to(y.device)
-    return _constrained(model, "inpaint", opts, gen, editing.inpaint(y, hole))
+    return _constrained(model, "inpaint", opts, gen, cond, editing.inpaint(y, hole))
 
 
-def _colorize(model: Model, ys, opts, gen):
+def _colorize(model: Model, ys, opts, gen, cond):
     (y,) = ys
     channels, h, w = _images_only(model, "colorize")
     if channels != 3:
@@ -154,26 +159,26 @@ def _colorize(model: Model, ys, opts, gen):
             f"expected (1, {h}, {w}) gray or (3, {h}, {w}) RGB"
         )
     y = y.expand(-1, 3, -1, -1)
-    return y, _constrained(model, "colorize", opts, gen, editing.colorize(y))[1]
+    return y, _constrained(model, "colorize", opts, gen, cond, editing.colorize(y))[1]
 
 
-def _superres(model: Model, ys, opts, gen):
+def _superres(model: Model, ys, opts, gen, cond):
     (y,) = ys
     channels, h, w = _images_only(model, "superres")
     p = opts.factor
     if p < 1 or h % p or w % p:
         raise UserError(f"--factor {p} does not divide the model's image size {h}x{w}")
     _check_shape(y, (channels, h // p, w // p), f"the low-resolution input (factor {p})")
-    return _constrained(model, "superres", opts, gen, editing.superres(y, p))
+    return _constrained(model, "superres", opts, gen, cond, editing.superres(y, p))
 
 
-def _sdedit(model: Model, ys, opts, gen):
+def _sdedit(model: Model, ys, opts, gen, cond):
     (y,) = ys
     _check_shape(y, model.shape, "the input")
-    return y, _edit(model, "sdedit", opts, gen, y)
+    return y, _edit(model, "sdedit", opts, gen, cond, y)
 
 
-def _denoise(model: Model, ys, opts, gen):
+def _denoise(model: Model, ys, opts, gen, cond):
     (y,) = ys
     _check_shape(y, model.shape, "the input")
     if opts.sigma is None:
@@ -185,16 +190,16 @@ def _denoise(model: Model, ys, opts, gen):
             "dimension differently, so one noise level in your units is several in the model's"
         )
     scale = scales.pop()
-    lo, hi = model.process.t_min * scale, model.process.t_max * scale
-    if model.process.name == "edm" and not lo < opts.sigma <= hi:
+    lo, hi = (level * scale for level in model.process.noise_levels)
+    if not lo < opts.sigma <= hi:
         raise UserError(
             f"--sigma {opts.sigma:g} is outside ({lo:g}, {hi:g}], this run's noise levels in "
             "the data's units"
         )
-    return y, editing.denoise(model.fn, model.process, y, opts.sigma / scale)
+    return y, editing.denoise(model.fn, model.process, y, opts.sigma / scale, cond)
 
 
-def _interpolate(model: Model, ys, opts, gen):
+def _interpolate(model: Model, ys, opts, gen, cond):
     if opts.frames < 2:
         raise UserError(f"--frames must be >= 2, got {opts.frames}")
     if not ys:  # one pair from the seed; z_a is the noise of `cmkit sample --n 1 --seed S`
@@ -206,7 +211,7 @@ def _interpolate(model: Model, ys, opts, gen):
     if len(z_a) != len(z_b):
         raise UserError(f"the two noise arrays hold {len(z_a)} and {len(z_b)} samples")
     z = editing.slerp(z_a, z_b, torch.linspace(0, 1, opts.frames)).flatten(0, 1)
-    return None, sample_onestep(_f(model), model.process, z)
+    return None, sample_onestep(_f(model), model.process, z, cond)
 
 
 TASK_FUNCTIONS = {

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cmkit.batch import NO_COND, Cond
 from cmkit.errors import UserError
 from cmkit.solvers import Denoiser
 
@@ -24,7 +25,7 @@ TASKS = ("inpaint", "colorize", "superres", "denoise", "interpolate", "sdedit") 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
+def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
@@ -69,7 +70,8 @@ def edit(
     x_init: torch.Tensor,
     times: list[float],
     noises: list[torch.Tensor],
-    impose: Transform = _identity,
+    impose: Transform = identity,
+    cond: Cond = NO_COND,
 ) -> torch.Tensor:
     """Algorithm 4 of Song et al. 2023: x ← f(x_init + τ₁·z, τ₁) (flow: (1 − τ₁)·x_init + τ₁·z),
     then for each later τ re-noise to τ and denoise again, applying `impose` (keep the known
@@ -85,29 +87,22 @@ def edit(
     if len(noises) != len(times):
         raise ValueError(f"need one noise per time, got {len(noises)} for {len(times)}")
     tau_1 = torch.tensor(times[0], dtype=x_init.dtype, device=x_init.device)
-    x = impose(f(process.perturb(x_init, tau_1, noises[0]), times[0]))
+    x = impose(f(process.perturb(x_init, tau_1, noises[0]), times[0], **cond))
     for tau, z in zip(times[1:], noises[1:], strict=True):
-        x = impose(f(process.renoise(x, tau, z), tau))
+        x = impose(f(process.renoise(x, tau, z), tau, **cond))
     return x
 
 
 @torch.no_grad()
-def denoise(f: Denoiser, process, y: torch.Tensor, sigma: float) -> torch.Tensor:
-    """One step from the known noise level: y = x + σ·z gives f(y, σ) (reference §8).
-
-    On the flow process y/(1 + σ) = (1 − t)·x + t·z with t = σ/(1 + σ), so f runs at that t.
-    """
+def denoise(
+    f: Denoiser, process, y: torch.Tensor, sigma: float, cond: Cond = NO_COND
+) -> torch.Tensor:
+    """One step from the known noise level: y = x + σ·z gives f at the process's point for y
+    (reference §8; on the flow process y/(1 + σ) at t = σ/(1 + σ))."""
     if not sigma > 0:
         raise UserError(f"noise level must be > 0, got {sigma:g}")
-    if process.name == "flow":
-        t = sigma / (1 + sigma)
-        return f((1 - t) * y, t)
-    if not process.t_min < sigma <= process.t_max:
-        raise UserError(
-            f"noise level {sigma:g} (model units) is outside ({process.t_min:g}, "
-            f"{process.t_max:g}]; expected a level the model was trained on"
-        )
-    return f(y, sigma)
+    x_t, t = process.denoise_point(y, sigma)
+    return f(x_t, t, **cond)
 
 
 def slerp(z_a: torch.Tensor, z_b: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -134,7 +129,7 @@ def slerp(z_a: torch.Tensor, z_b: torch.Tensor, alphas: torch.Tensor) -> torch.T
 def inpaint(y: torch.Tensor, hole: torch.Tensor) -> Constraint:
     """Pixel basis: keep y outside the hole. y (N, ...); hole bool, broadcastable to y."""
     known = ~hole.to(torch.bool)
-    return Constraint(_identity, _identity, known, torch.where(known, y, torch.zeros_like(y)))
+    return Constraint(identity, identity, known, torch.where(known, y, torch.zeros_like(y)))
 
 
 def basis_with_first(v: torch.Tensor) -> torch.Tensor:

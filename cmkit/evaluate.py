@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cmkit import data as datalib
+from cmkit.batch import NO_COND, Cond
 from cmkit.errors import UserError
 from cmkit.features import make_extractor
 from cmkit.generate import Model, generate
@@ -156,11 +157,14 @@ def plans(model: Model, nfes: list[int], solvers: tuple[str, ...] = ("euler", "h
     return out
 
 
-def evaluate(model: Model, scorer: Scorer, nfes: list[int], n: int, seed: int = 0) -> list[dict]:
-    """Rows of {sampler, nfe, metric: value, …}, sampling each plan from the same seed."""
+def evaluate(
+    model: Model, scorer: Scorer, nfes: list[int], n: int, seed: int = 0, cond: Cond = NO_COND
+) -> list[dict]:
+    """Rows of {sampler, nfe, metric: value, …}, sampling each plan from the same seed
+    (with `cond`, n rows of conditioning, for every sample set)."""
     rows = []
     for plan in plans(model, nfes):
-        samples = generate(model, n, seed, **plan.options)
+        samples = generate(model, n, seed, **plan.options, cond=cond)
         rows.append({"sampler": plan.label, "nfe": plan.nfe, **scorer(samples)})
     return rows
 
@@ -198,14 +202,13 @@ def tune_times(
 ) -> tuple[list[float], float]:
     """Greedy search of τ₁ > τ₂ > … for `steps`-step sampling: each τ in turn minimises the
     scorer's primary metric with the earlier ones fixed (Song et al. 2023 tuned 2-step τ by
-    ternary search on FID); `start` holds leading times already tuned. EDM times are searched
-    in log σ. Returns (times, best metric)."""
+    ternary search on FID); `start` holds leading times already tuned. Each τ is searched in
+    the process's own coordinate (EDM: log σ). Returns (times, best metric)."""
     if model.kind == "teacher":
         raise UserError("tune-times applies to consistency runs; a teacher has no τ to tune")
     if steps < 2:
         raise UserError(f"--steps must be >= 2 to have an intermediate time, got {steps}")
     proc = model.process
-    to_u, from_u = (math.log, math.exp) if proc.name == "edm" else (float, float)
     times = list(start)
     check_times(proc, times)
     best = math.nan
@@ -213,12 +216,12 @@ def tune_times(
         upper = times[-1] if times else proc.t_max
 
         def metric(u: float) -> float:
-            x = generate(model, n, seed, len(times) + 2, [*times, from_u(u)])
+            x = generate(model, n, seed, len(times) + 2, [*times, proc.from_search(u)])
             return scorer.primary_value(x)
 
-        lo = to_u(proc.t_min) if proc.t_min > 0 else 0.0
-        u, best = _golden_min(metric, lo, to_u(upper), iters)
-        times.append(from_u(u))
+        lo, hi = proc.to_search(proc.t_min), proc.to_search(upper)
+        u, best = _golden_min(metric, lo, hi, iters)
+        times.append(proc.from_search(u))
     return times, best
 
 

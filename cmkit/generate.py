@@ -7,17 +7,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cmkit.batch import NO_COND, Cond, cond_rows
 from cmkit.data import Scaler
 from cmkit.errors import UserError
 from cmkit.process import Process, process_from_dict
 from cmkit.runs import load_network
-from cmkit.sampling import (
-    check_times,
-    clip_denoised,
-    default_times,
-    sample_multistep,
-    sample_ode,
-)
+from cmkit.sampling import check_times, clip_denoised, sample_multistep, sample_ode
 
 
 @dataclass
@@ -52,7 +47,7 @@ def cm_times(model: Model, steps: int | None, times: list[float] | None) -> list
         return times
     steps = steps or 1
     stored = model.config.get("sampling", {}).get("times", {}).get(str(steps))
-    return stored if stored is not None else default_times(model.process, steps)
+    return stored if stored is not None else model.process.default_times(steps)
 
 
 @torch.no_grad()
@@ -66,6 +61,7 @@ def generate(
     ode: bool = False,
     chunk: int = 2048,
     progress: bool = False,
+    cond: Cond = NO_COND,
 ) -> np.ndarray:
     """n samples in the user's units, float32; the same seed gives the same samples.
 
@@ -73,6 +69,7 @@ def generate(
     one step, the multistep sampler over `times`, or with `ode` the ODE v = (x − f)/t; a run
     whose sampling section sets clip_denoised (imported from diffusers) clamps f to [−1, 1].
     All noise is drawn up front from one CPU generator, so chunking does not change results.
+    `cond` holds the conditioning of the n samples (n rows per tensor).
     """
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
@@ -88,6 +85,7 @@ def generate(
     use_ode = model.kind == "teacher" or ode
     if use_ode:
         k = steps or model.config["sampling"].get("steps", 18)
+        solver = solver or model.config["sampling"].get("solver", "heun")
         noises = []
     else:
         taus = cm_times(model, steps, times)
@@ -97,9 +95,10 @@ def generate(
     out = []
     for i in tqdm(range(0, n, chunk), disable=not progress, desc="sampling", unit="chunk"):
         zc, ec = z[i : i + chunk].to(device), [e[i : i + chunk].to(device) for e in noises]
+        cc = cond_rows(cond, i, i + chunk, device)
         if use_ode:
-            x = sample_ode(model.fn, model.process, zc, k, solver or "heun")
+            x = sample_ode(model.fn, model.process, zc, k, solver, cc)
         else:
-            x = sample_multistep(f, model.process, zc, taus, ec)
+            x = sample_multistep(f, model.process, zc, taus, ec, cc)
         out.append(x.cpu())
     return model.scaler.to_raw(torch.cat(out).numpy()).astype(np.float32)

@@ -1,7 +1,12 @@
-"""Training objectives: teacher losses (EDM, flow matching) and the consistency loss.
+"""Training objectives behind one protocol: `loss(online, target, batch, step, generator)`.
 
-CD and CT share one loss and differ in a single function: how the lower-noise point of a pair
-is made (a teacher ODE step, or the unbiased estimate x₀ + t_n·z).
+Every loss takes the wrapped online model, the wrapped target (None for teachers), a Batch
+(x₀ and its conditioning), the step (for curricula) and the CPU generator that owns all of
+its randomness, and returns the scalar to minimise. Teacher losses regress the denoiser or
+the velocity; the consistency loss compares f at the two points of a drawn Pair. CD and CT
+differ in one object, the `lower_point`: a teacher ODE step, or the unbiased estimate
+x₀ + t_n·z. Time pairs and weightings are callables, so ECT's continuous pairs or sCM's
+weighting slot in beside the grid pairs of CD/CT.
 """
 
 import math
@@ -11,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cmkit.noise import lognormal_indices, uniform_indices
-from cmkit.param import EDMDenoiser, FlowParam, batch_column
+from cmkit.batch import Batch, Cond
+from cmkit.noise import EDM_P_MEAN, EDM_P_STD, ICT_P_MEAN, ICT_P_STD, lognormal_index_probs
 from cmkit.solvers import SOLVER_STEPS, Denoiser
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def l2_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -37,6 +43,9 @@ def pseudo_huber_distance(c: float) -> Distance:
     return distance
 
 
+DISTANCES = ("l2", "l1", "pseudo-huber")
+
+
 def make_distance(name: str, data_dim: int, c: float | None = None) -> Distance:
     """l2, l1 or pseudo-huber; pseudo-Huber's c defaults to iCT's 0.00054·√d."""
     if name == "l2":
@@ -45,55 +54,123 @@ def make_distance(name: str, data_dim: int, c: float | None = None) -> Distance:
         return l1_distance
     if name == "pseudo-huber":
         return pseudo_huber_distance(c if c is not None else 0.00054 * math.sqrt(data_dim))
-    raise ValueError(f"unknown distance {name!r}; expected l2, l1 or pseudo-huber")
+    raise ValueError(f"unknown distance {name!r}; expected {', '.join(DISTANCES)}")
 
 
-def edm_loss(
-    denoiser: EDMDenoiser,
-    x0: torch.Tensor,
-    generator: torch.Generator,
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
-) -> torch.Tensor:
-    """EDM denoising score matching: ln σ ~ N(P_mean, P_std²), weight (σ² + σ_d²)/(σ·σ_d)²."""
-    shape = (x0.shape[0],)
-    sigma = torch.exp(p_mean + p_std * torch.randn(shape, generator=generator).to(x0))
-    z = torch.randn(x0.shape, generator=generator).to(x0)
-    sd = denoiser.sigma_data
-    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-    return (weight * l2_distance(denoiser(x0 + batch_column(sigma, x0) * z, sigma), x0)).mean()
+# ---------------------------------------------------------------- teacher losses
 
 
-def flow_matching_loss(
-    flow: FlowParam, x0: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
+@dataclass
+class EDMLoss:
+    """EDM denoising score matching (Karras et al. 2022): ln σ ~ N(P_mean, P_std²), weight
+    λ(σ) = (σ² + σ_d²)/(σ·σ_d)², x_σ from the process's own perturbation."""
+
+    process: object
+    p_mean: float = EDM_P_MEAN
+    p_std: float = EDM_P_STD
+
+    def __call__(self, denoiser, _target, batch: Batch, step: int, generator) -> torch.Tensor:
+        x0 = batch.x0
+        ln_sigma = self.p_mean + self.p_std * torch.randn(len(x0), generator=generator).to(x0)
+        sigma = torch.exp(ln_sigma)
+        z = torch.randn(x0.shape, generator=generator).to(x0)
+        sd = self.process.sigma_data
+        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        x_sigma = self.process.perturb(x0, sigma, z)
+        return (weight * l2_distance(denoiser(x_sigma, sigma, **batch.cond), x0)).mean()
+
+
+@dataclass
+class FlowMatchingLoss:
     """Flow matching with t ~ U(0, 1): regress v(x_t, t) on x₁ − x₀ (Lipman et al.; Liu et al.)."""
-    t = torch.rand((x0.shape[0],), generator=generator).to(x0)
-    x1 = torch.randn(x0.shape, generator=generator).to(x0)
-    x_t = (1 - batch_column(t, x0)) * x0 + batch_column(t, x0) * x1
-    return l2_distance(flow.velocity(x_t, t), x1 - x0).mean()
+
+    process: object
+
+    def __call__(self, flow, _target, batch: Batch, step: int, generator) -> torch.Tensor:
+        x0 = batch.x0
+        t = torch.rand(len(x0), generator=generator).to(x0)
+        x1 = torch.randn(x0.shape, generator=generator).to(x0)
+        x_t = self.process.perturb(x0, t, x1)
+        return l2_distance(flow.velocity(x_t, t, **batch.cond), x1 - x0).mean()
+
+
+# ---------------------------------------------------------------- consistency pairs
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One draw of a consistency loss: times t > r per sample, the shared noise z, the upper
+    point x_t = perturb(x₀, t, z) and the lower point x_r made by the loss's lower_point."""
+
+    t: torch.Tensor  # (B,)
+    r: torch.Tensor  # (B,)
+    z: torch.Tensor
+    x_t: torch.Tensor
+    x_r: torch.Tensor
+
+
+def uniform_indices(grid: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Pair indices n ~ U{0..N−2}: the pair is (t_n, t_{n+1}) on an ascending grid."""
+    return torch.randint(0, len(grid) - 1, (batch,), generator=generator)
+
+
+@dataclass(frozen=True)
+class LognormalIndices:
+    """iCT's discretised lognormal over the pairs of a grid (Song & Dhariwal 2023, §3.5)."""
+
+    p_mean: float = ICT_P_MEAN
+    p_std: float = ICT_P_STD
+
+    def __call__(self, grid: torch.Tensor, batch: int, generator: torch.Generator):
+        probs = lognormal_index_probs(grid, self.p_mean, self.p_std)
+        return torch.multinomial(probs, batch, replacement=True, generator=generator)
+
+
+@dataclass
+class GridPairs:
+    """Adjacent points (t_{n+1}, t_n) of the process's N(k)-point grid, n drawn by `indices`
+    (uniform for the original CM, lognormal for iCT). Returns (t, r), each (B,)."""
+
+    process: object
+    curriculum: object  # .scales(step) -> N
+    indices: Callable = uniform_indices
+
+    def __call__(self, x0: torch.Tensor, step: int, generator: torch.Generator):
+        grid = self.process.grid(self.curriculum.scales(step))
+        n = self.indices(grid, len(x0), generator)
+        return grid[n + 1].to(x0), grid[n].to(x0)
+
+
+def unit_weight(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """λ = 1 (Song et al. 2023)."""
+    return torch.ones_like(t)
+
+
+def inverse_gap_weight(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """λ = 1/(t − r) (iCT)."""
+    return 1.0 / (t - r)
 
 
 @dataclass
 class TeacherStep:
-    """CD: the lower point is one Euler or Heun step of the teacher's PF-ODE from t_{n+1} to t_n."""
+    """CD: the lower point is one Euler or Heun step of the teacher's PF-ODE from t to r."""
 
     teacher: Denoiser
     solver: str = "heun"
 
     @torch.no_grad()
-    def __call__(self, x0, x_hi, z, t_hi, t_lo) -> torch.Tensor:
-        return SOLVER_STEPS[self.solver](self.teacher, x_hi, t_hi, t_lo)
+    def __call__(self, x0, x_t, z, t, r, cond: Cond) -> torch.Tensor:
+        return SOLVER_STEPS[self.solver](self.teacher, x_t, t, r, cond)
 
 
 @dataclass
 class UnbiasedEstimate:
-    """CT: the lower point reuses x₀ and z at t_n (CD with the teacher's denoiser D := x₀)."""
+    """CT: the lower point reuses x₀ and z at r (CD with the teacher's denoiser D := x₀)."""
 
     perturb: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-    def __call__(self, x0, x_hi, z, t_hi, t_lo) -> torch.Tensor:
-        return self.perturb(x0, t_lo, z)
+    def __call__(self, x0, x_t, z, t, r, cond: Cond) -> torch.Tensor:
+        return self.perturb(x0, r, z)
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -109,44 +186,37 @@ def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
 
 @dataclass
 class ConsistencyLoss:
-    """λ(t_n)·d(f_θ(x_{n+1}, t_{n+1}), f_θ⁻(x̂_n, t_n)) over pairs of an ascending grid.
+    """λ(t, r)·d(f_θ(x_t, t), f_θ⁻(x_r, r)) over pairs t > r drawn by `pairs`.
 
     All randomness comes from `generator`, a CPU generator, so runs reproduce across devices.
-
-    `curriculum` gives N(k); `pairs` is "uniform" (original CM) or "lognormal" (iCT);
-    `weighting` is "uniform" (λ = 1) or "ict" (λ = 1/(t_{n+1} − t_n)).
     """
 
     process: object
-    curriculum: object
-    lower_point: Callable
+    pairs: Callable  # (x0, step, generator) -> (t, r)
+    lower_point: Callable  # (x0, x_t, z, t, r, cond) -> x_r
     distance: Distance
-    pairs: str = "uniform"
-    weighting: str = "uniform"
-    p_mean: float = -1.1  # lognormal pairs only
-    p_std: float = 2.0
+    weighting: Weighting = unit_weight
+
+    def draw(self, batch: Batch, step: int, generator: torch.Generator) -> Pair:
+        x0 = batch.x0
+        t, r = self.pairs(x0, step, generator)
+        z = torch.randn(x0.shape, generator=generator).to(x0)
+        x_t = self.process.perturb(x0, t, z)
+        return Pair(t, r, z, x_t, self.lower_point(x0, x_t, z, t, r, batch.cond))
 
     def __call__(
         self,
         f_online: nn.Module,
         f_target: nn.Module,
-        x0: torch.Tensor,
+        batch: Batch,
         step: int,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        grid = self.process.grid(self.curriculum.scales(step))
-        if self.pairs == "lognormal":
-            n = lognormal_indices(grid, x0.shape[0], generator, self.p_mean, self.p_std)
-        else:
-            n = uniform_indices(len(grid), x0.shape[0], generator)
-        t_lo, t_hi = (grid[n].to(x0), grid[n + 1].to(x0))
-        z = torch.randn(x0.shape, generator=generator).to(x0)
-        x_hi = self.process.perturb(x0, t_hi, z)
-        x_lo = self.lower_point(x0, x_hi, z, t_hi, t_lo)
-        state = _rng_state(x0.device)  # the target pass must see the online pass's dropout masks
-        pred = f_online(x_hi, t_hi)
+        p = self.draw(batch, step, generator)
+        device = batch.x0.device
+        state = _rng_state(device)  # the target pass must see the online pass's dropout masks
+        pred = f_online(p.x_t, p.t, **batch.cond)
         with torch.no_grad():
-            _set_rng_state(state, x0.device)
-            target = f_target(x_lo, t_lo)
-        weight = 1.0 / (t_hi - t_lo) if self.weighting == "ict" else torch.ones_like(t_hi)
-        return (weight * self.distance(pred, target)).mean()
+            _set_rng_state(state, device)
+            target = f_target(p.x_r, p.r, **batch.cond)
+        return (self.weighting(p.t, p.r) * self.distance(pred, target)).mean()

@@ -12,6 +12,8 @@ import torch
 from cmkit.errors import UserError
 
 MAX_SCALES = 100_000  # far beyond any published N (1280); bounds memory and time per step
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # EDM training: ln σ ~ N(P_mean, P_std²) (Karras et al. 2022)
+ICT_P_MEAN, ICT_P_STD = -1.1, 2.0  # iCT's lognormal over grid pairs (Song & Dhariwal 2023)
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
@@ -99,28 +101,11 @@ class ICTCurriculum:
         return 0.0
 
 
-def uniform_indices(num_scales: int, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Pair indices n ~ U{0..N−2}: the pair is (t_n, t_{n+1}) on an ascending grid."""
-    return torch.randint(0, num_scales - 1, (batch,), generator=generator)
-
-
 def lognormal_index_probs(
-    grid: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0
+    grid: torch.Tensor, p_mean: float = ICT_P_MEAN, p_std: float = ICT_P_STD
 ) -> torch.Tensor:
     """iCT's discretised lognormal over pairs: p(σ_i) ∝ erf((ln σ_{i+1} − P_mean)/(√2·P_std))
     − erf((ln σ_i − P_mean)/(√2·P_std)). grid: ascending (N,) -> probabilities (N−1,)."""
     cdf = torch.erf((torch.log(grid.double()) - p_mean) / (math.sqrt(2.0) * p_std))
     probs = cdf[1:] - cdf[:-1]
     return probs / probs.sum()
-
-
-def lognormal_indices(
-    grid: torch.Tensor,
-    batch: int,
-    generator: torch.Generator,
-    p_mean: float = -1.1,
-    p_std: float = 2.0,
-) -> torch.Tensor:
-    """Pair indices drawn from the discretised lognormal (iCT)."""
-    probs = lognormal_index_probs(grid, p_mean, p_std)
-    return torch.multinomial(probs, batch, replacement=True, generator=generator)

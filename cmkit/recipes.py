@@ -15,14 +15,18 @@ import torch
 from torch import nn
 
 from cmkit import data as datalib
+from cmkit.batch import Batch
 from cmkit.errors import UserError
 from cmkit.losses import (
     ConsistencyLoss,
+    GridPairs,
+    LognormalIndices,
     TeacherStep,
     UnbiasedEstimate,
-    edm_loss,
-    flow_matching_loss,
+    inverse_gap_weight,
     make_distance,
+    uniform_indices,
+    unit_weight,
 )
 from cmkit.noise import (
     MAX_SCALES,
@@ -31,7 +35,7 @@ from cmkit.noise import (
     ICTCurriculum,
     lognormal_index_probs,
 )
-from cmkit.process import EDMProcess, FlowProcess, Process, process_from_dict
+from cmkit.process import Process, make_process, process_from_dict
 from cmkit.runs import (
     FORMAT,
     build_network,
@@ -166,15 +170,6 @@ def held_out_data(config: dict) -> np.ndarray:
     return datalib.run_splits(config["data"])[1]
 
 
-def make_process(name: str, **edm_kwargs) -> Process:
-    """The named process; EDM takes sigma_min, sigma_max, rho, sigma_data (flow has none)."""
-    if name == "edm":
-        return EDMProcess(**edm_kwargs)
-    if name == "flow":
-        return FlowProcess()
-    raise UserError(f"unknown process {name!r}; expected 'edm' or 'flow'")
-
-
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and not value > 0:
@@ -240,7 +235,7 @@ def _fit(common: Common, config: dict, state: TrainState, data, loss_fn, target_
     train(
         state,
         loss_fn,
-        data.to(common.device),
+        Batch(data).to(common.device),
         config["training"]["steps"],
         config["training"]["batch_size"],
         common.ema_rate,
@@ -310,8 +305,7 @@ def teacher_run(
     config = _run_config("teacher", common, proc, net_spec, section, "teacher_steps", sampling)
     online = proc.denoiser(net)
     state = _start(common, config, online, None, net)
-    loss = edm_loss if process == "edm" else flow_matching_loss
-    return _fit(common, config, state, data, lambda f, _t, x0, _k, g: loss(f, x0, g), None)
+    return _fit(common, config, state, data, proc.teacher_loss(), None)
 
 
 def distill_run(
@@ -363,7 +357,10 @@ def distill_run(
     teacher = proc.denoiser(teacher_net.to(common.device).requires_grad_(False))
     schedule = FixedScales(num_scales, mu)
     loss = ConsistencyLoss(
-        proc, schedule, TeacherStep(teacher, solver), _distance(distance, section["shape"])
+        proc,
+        GridPairs(proc, schedule),
+        TeacherStep(teacher, solver),
+        _distance(distance, section["shape"]),
     )
     return _fit(common, config, state, data, loss, schedule.target_mu)
 
@@ -412,8 +409,11 @@ def _check_pairs(opts: CTOptions, proc: Process) -> None:
         raise UserError(f"--pairs must be 'uniform' or 'lognormal', got {opts.pairs!r}")
     if opts.pairs == "uniform":
         return
-    if proc.name != "edm":
-        raise UserError("--pairs lognormal needs --process edm (flow times are uniform in [0, 1])")
+    if not proc.t_min > 0:
+        raise UserError(
+            f"--pairs lognormal needs noise levels σ > 0 (--process edm); the {proc.name} "
+            f"process's times start at {proc.t_min:g}"
+        )
     # every grid shares the endpoints, so the mass on a 2-point grid is the mass on any grid
     if (
         not opts.p_std > 0
@@ -456,15 +456,14 @@ def _ct_loss(opts: CTOptions, proc: Process, steps: int, shape: list[int]):
     for step in (0, steps):  # the curriculum's first and last grids, checked before training
         proc.grid(curriculum.scales(step))
     ict = opts.recipe == "ict"
+    indices = LognormalIndices(opts.p_mean, opts.p_std) if opts.pairs == "lognormal" else None
+    weighting = opts.weighting or ("ict" if ict else "uniform")
     loss = ConsistencyLoss(
         proc,
-        curriculum,
+        GridPairs(proc, curriculum, indices or uniform_indices),
         UnbiasedEstimate(proc.perturb),
         _distance(opts.distance or ("pseudo-huber" if ict else "l2"), shape),
-        opts.pairs,
-        opts.weighting or ("ict" if ict else "uniform"),
-        opts.p_mean,
-        opts.p_std,
+        inverse_gap_weight if weighting == "ict" else unit_weight,
     )
     return loss, curriculum
 

@@ -1,25 +1,27 @@
 """Samplers for consistency models: one step, multistep (Algorithm 1), and the ODE.
 
-Each takes the consistency function `f(x, t)`, the process and the initial noise `z`, so that
-the same seed gives the same samples whatever the sampler.
+Each takes the consistency function `f(x, t, **cond)`, the process and the initial noise
+`z`, so that the same seed gives the same samples whatever the sampler; `cond` is the
+conditioning of the samples being drawn, passed to every network evaluation.
 """
 
 import torch
 
+from cmkit.batch import NO_COND, Cond
 from cmkit.errors import UserError
 from cmkit.solvers import Denoiser, solve
 
 
 @torch.no_grad()
-def sample_onestep(f: Denoiser, process, z: torch.Tensor) -> torch.Tensor:
+def sample_onestep(f: Denoiser, process, z: torch.Tensor, cond: Cond = NO_COND) -> torch.Tensor:
     """x = f(x_T, T) with x_T drawn from the prior: one network evaluation."""
-    return f(process.prior(z), process.t_max)
+    return f(process.prior(z), process.t_max, **cond)
 
 
 def clip_denoised(f: Denoiser) -> Denoiser:
     """f with each output clamped to [−1, 1], the image range in model units, as diffusers'
     CMStochasticIterativeScheduler does with clip_denoised=True before re-noising."""
-    return lambda x, t: f(x, t).clamp(-1.0, 1.0)
+    return lambda x, t, **cond: f(x, t, **cond).clamp(-1.0, 1.0)
 
 
 def check_times(process, times: list[float]) -> None:
@@ -34,7 +36,12 @@ def check_times(process, times: list[float]) -> None:
 
 @torch.no_grad()
 def sample_multistep(
-    f: Denoiser, process, z: torch.Tensor, times: list[float], noises: list[torch.Tensor]
+    f: Denoiser,
+    process,
+    z: torch.Tensor,
+    times: list[float],
+    noises: list[torch.Tensor],
+    cond: Cond = NO_COND,
 ) -> torch.Tensor:
     """Algorithm 1 of Song et al. 2023: denoise, re-noise to each τ in `times`, denoise again.
 
@@ -43,31 +50,21 @@ def sample_multistep(
     NFE = 1 + len(times).
     """
     check_times(process, times)
-    x = sample_onestep(f, process, z)
+    x = sample_onestep(f, process, z, cond)
     for tau, noise in zip(times, noises, strict=True):
-        x = f(process.renoise(x, tau, noise), tau)
+        x = f(process.renoise(x, tau, noise), tau, **cond)
     return x
 
 
 @torch.no_grad()
 def sample_ode(
-    f: Denoiser, process, z: torch.Tensor, steps: int, solver: str = "euler"
+    f: Denoiser,
+    process,
+    z: torch.Tensor,
+    steps: int,
+    solver: str = "euler",
+    cond: Cond = NO_COND,
 ) -> torch.Tensor:
     """Deterministic sampling of dx/dt = (x − f(x, t))/t over the process's solver grid of
     `steps` points: the PF-ODE of a teacher denoiser, or a consistency model's own ODE."""
-    return solve(f, process.prior(z), process.sampling_times(steps), solver)
-
-
-def default_times(process, steps: int) -> list[float]:
-    """Intermediate times for `steps`-step sampling when none are given or stored in the run.
-
-    EDM: the interior points of a (steps + 1)-point Karras grid (2 steps: τ = 2.52 with the
-    default σ range); flow: uniform (k−1)/k, …, 1/k. The best τ depends on the model and data
-    (the papers tuned it by search), so pass explicit `times` where quality matters.
-    """
-    if steps < 1:
-        raise UserError(f"--steps must be >= 1, got {steps}")
-    if process.name == "flow":
-        return [i / steps for i in range(steps - 1, 0, -1)]
-    grid = process.grid(steps + 1).flip(0)[1:-1]
-    return [float(t) for t in grid]
+    return solve(f, process.prior(z), process.sampling_times(steps), solver, cond=cond)

@@ -1,6 +1,7 @@
 """The training loop: one readable loop shared by teachers, CD and CT.
 
-A loss is any callable `loss_fn(online, target, x0, step, generator) -> scalar`; the loop owns
+A loss is any callable `loss_fn(online, target, batch, step, generator) -> scalar` (see
+cmkit.losses); the loop owns
 batching, the optimiser step, the target network (θ⁻ ← μθ⁻ + (1−μ)θ), the EMA used for
 sampling, logging, checkpoint ticks, the NaN/inf guard and a graceful Ctrl-C.
 """
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cmkit.batch import Batch
 from cmkit.errors import UserError
 
 ON_NONFINITE = ("stop", "skip")
@@ -70,11 +72,11 @@ def weights_finite(state: TrainState) -> bool:
 
 
 def optimiser_step(
-    state: TrainState, loss_fn: Callable, x0: torch.Tensor, grad_clip: float
+    state: TrainState, loss_fn: Callable, batch: Batch, grad_clip: float
 ) -> tuple[float, str | None]:
     """(loss, None) after one clipped Adam step, or (loss, reason) when the loss or the gradient
     is NaN/inf and no step was taken: nothing non-finite ever reaches the weights."""
-    loss = loss_fn(state.online, state.target, x0, state.step, state.generator)
+    loss = loss_fn(state.online, state.target, batch, state.step, state.generator)
     value = loss.item()  # a sync point on GPUs, needed for the check anyway
     if not math.isfinite(value):
         return value, f"the loss is {value}"
@@ -122,7 +124,7 @@ def _kept(saved: int | None) -> str:
 def train(
     state: TrainState,
     loss_fn: Callable,
-    data: torch.Tensor,
+    data: Batch,
     steps: int,
     batch_size: int,
     ema_rate: float,
@@ -134,7 +136,8 @@ def train(
     log_every: int = 50,
     on_nonfinite: str = "stop",
 ) -> TrainState:
-    """Run `steps` optimiser steps from `state.step`; `data` is in model units on the device.
+    """Run `steps` optimiser steps from `state.step`; `data` (all training samples and their
+    conditioning) is in model units, on the device or on the CPU.
 
     on_nonfinite: "stop" raises TrainingDiverged at the first NaN/inf loss or gradient;
     "skip" drops that batch (no optimiser, target or EMA update) and counts it in
@@ -151,9 +154,9 @@ def train(
     with bar, stop_on_sigint() as stop:
         while state.step < steps:
             # data: sampling with replacement from the CPU generator keeps runs reproducible
-            idx = torch.randint(0, data.shape[0], (batch_size,), generator=state.generator)
-            x0 = data[idx.to(data.device)].to(device)
-            loss, problem = optimiser_step(state, loss_fn, x0, grad_clip)
+            idx = torch.randint(0, len(data), (batch_size,), generator=state.generator)
+            batch = data.rows(idx).to(device)
+            loss, problem = optimiser_step(state, loss_fn, batch, grad_clip)
             if problem is None:
                 # target network and the sampling EMA
                 if state.target is not None:

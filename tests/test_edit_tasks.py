@@ -14,7 +14,6 @@ from cmkit.cli import main
 from cmkit.data import load_data
 from cmkit.edit_tasks import DEFAULT_STEPS, EditOptions, edit_times, run_task
 from cmkit.generate import generate, load_model
-from cmkit.sampling import default_times
 
 TINY = ["--steps", "3", "--batch-size", "8", "--no-progress", "--network", '{"channels": 8}']
 
@@ -176,10 +175,10 @@ def test_default_times(runs):
     model = load_model(str(runs / "cm"))
     assert edit_times(model, "inpaint", EditOptions(steps=1)) == [80.0]
     two = edit_times(model, "superres", EditOptions(steps=2))
-    assert two == [80.0, *default_times(model.process, 2)]
+    assert two == [80.0, *model.process.default_times(2)]
     assert len(edit_times(model, "colorize", EditOptions())) == DEFAULT_STEPS["colorize"]
     sd = edit_times(model, "sdedit", EditOptions(steps=2))
-    assert sd == default_times(model.process, 4)[1:] and sd[0] == pytest.approx(2.515, abs=1e-3)
+    assert sd == model.process.default_times(4)[1:] and sd[0] == pytest.approx(2.515, abs=1e-3)
     assert edit_times(model, "inpaint", EditOptions(times=[3.0, 0.5])) == [3.0, 0.5]
 
 

@@ -8,16 +8,21 @@ import pytest
 import torch
 from torch import nn
 
+from cmkit.batch import Batch
 from cmkit.data import Scaler, load_data
 from cmkit.losses import (
     ConsistencyLoss,
+    EDMLoss,
+    GridPairs,
+    LognormalIndices,
     TeacherStep,
     UnbiasedEstimate,
-    edm_loss,
+    inverse_gap_weight,
     l1_distance,
     l2_distance,
     make_distance,
     pseudo_huber_distance,
+    unit_weight,
 )
 from cmkit.metrics import energy_distance
 from cmkit.networks.mlp import MLP
@@ -32,35 +37,34 @@ S = 0.5  # std of the Gaussian test data
 EPS = 0.002
 
 
-def gaussian_denoiser(x, t):
+def gaussian_denoiser(x, t, **cond):
     t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
     return S**2 / (S**2 + t**2) * x
 
 
-def exact_consistency(x, t):
+def exact_consistency(x, t, **cond):
     """The true consistency function of N(0, S²) data: follow the PF-ODE from t down to ε."""
     t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
     return x * math.sqrt(S**2 + EPS**2) / torch.sqrt(S**2 + t**2)
 
 
-def identity(x, t):
+def identity(x, t, **cond):
     return x
 
 
 class Zero(nn.Module):
-    def forward(self, x, c_noise):
+    def forward(self, x, c_noise, **cond):
         return torch.zeros_like(x)
 
 
-class Spy:
-    """A lower_point that records what the loss hands it."""
+def ct_loss(proc, curriculum, distance=l2_distance, indices=None, weighting=unit_weight):
+    pairs = GridPairs(proc, curriculum) if indices is None else GridPairs(proc, curriculum, indices)
+    return ConsistencyLoss(proc, pairs, UnbiasedEstimate(proc.perturb), distance, weighting)
 
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
 
-    def __call__(self, x0, x_hi, z, t_hi, t_lo):
-        self.calls.append((x0, x_hi, z, t_hi, t_lo))
-        return self.inner(x0, x_hi, z, t_hi, t_lo)
+def cd_loss(proc, n_scales, teacher, solver="heun"):
+    pairs = GridPairs(proc, FixedScales(n_scales))
+    return ConsistencyLoss(proc, pairs, TeacherStep(teacher, solver), l2_distance)
 
 
 def batch(n=8, seed=0, dtype=torch.float64):
@@ -130,14 +134,14 @@ def test_unbiased_estimate_is_x0_plus_tn_z():
     t_hi = torch.tensor([1.0, 2.0, 3.0, 80.0], dtype=torch.float64)
     t_lo = torch.tensor([0.002, 1.0, 2.5, 60.0], dtype=torch.float64)
     x_hi = x0 + t_hi[:, None] * z
-    out = UnbiasedEstimate(EDMProcess().perturb)(x0, x_hi, z, t_hi, t_lo)
+    out = UnbiasedEstimate(EDMProcess().perturb)(x0, x_hi, z, t_hi, t_lo, {})
     torch.testing.assert_close(out, x0 + t_lo[:, None] * z, rtol=1e-15, atol=0)
     # CT is CD with the teacher's denoiser replaced by x₀: one Euler step with D := x₀
     euler = euler_step(lambda x, t: x0, x_hi, t_hi, t_lo)
     torch.testing.assert_close(out, euler, rtol=1e-12, atol=1e-12)
     # flow: (1 − t_n)·x₀ + t_n·z
     t = torch.tensor([0.0, 0.2, 0.5, 1.0], dtype=torch.float64)
-    out = UnbiasedEstimate(FlowProcess().perturb)(x0, None, z, None, t)
+    out = UnbiasedEstimate(FlowProcess().perturb)(x0, None, z, None, t, {})
     torch.testing.assert_close(out, (1 - t[:, None]) * x0 + t[:, None] * z)
 
 
@@ -153,7 +157,7 @@ def test_teacher_step_by_hand(solver):
     else:
         d2 = (x_e - S**2 / (S**2 + tl**2) * x_e) / tl
         expected = x + (tl - th) * (d1 + d2) / 2
-    out = TeacherStep(gaussian_denoiser, solver)(None, x, None, t_hi, t_lo)
+    out = TeacherStep(gaussian_denoiser, solver)(None, x, None, t_hi, t_lo, {})
     torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
     # and it approximates the exact PF-ODE flow x·√(S² + t_lo²)/√(S² + t_hi²)
     exact = x * math.sqrt(S**2 + tl**2) / math.sqrt(S**2 + th**2)
@@ -167,33 +171,32 @@ def test_teacher_step_by_hand(solver):
 # ---------------------------------------------------------------- consistency loss
 
 
-@pytest.mark.parametrize("weighting", ["uniform", "ict"])
+@pytest.mark.parametrize("weighting", [unit_weight, inverse_gap_weight])
 def test_consistency_loss_by_hand_on_two_point_grid(weighting):
     """N = 2: every pair is (σ_min, σ_max); with F = 0, f(x, t) = c_skip(t)·x."""
     proc = EDMProcess()
-    spy = Spy(UnbiasedEstimate(proc.perturb))
-    loss_fn = ConsistencyLoss(proc, FixedScales(2), spy, l2_distance, weighting=weighting)
+    loss_fn = ct_loss(proc, FixedScales(2), weighting=weighting)
     f = proc.consistency(Zero())
     x0 = batch(16, 3)
-    loss = loss_fn(f, f, x0, 0, torch.Generator().manual_seed(0))
-    ((got_x0, x_hi, z, t_hi, t_lo),) = spy.calls
-    assert torch.equal(got_x0, x0)
-    assert (t_hi == 80.0).all() and (t_lo == 0.002).all()
-    torch.testing.assert_close(x_hi, x0 + 80.0 * z, rtol=1e-15, atol=0)
+    loss = loss_fn(f, f, Batch(x0), 0, torch.Generator().manual_seed(0))
+    p = loss_fn.draw(Batch(x0), 0, torch.Generator().manual_seed(0))  # the pair it drew
+    assert (p.t == 80.0).all() and (p.r == 0.002).all()
+    torch.testing.assert_close(p.x_t, x0 + 80.0 * p.z, rtol=1e-15, atol=0)
+    torch.testing.assert_close(p.x_r, x0 + 0.002 * p.z, rtol=1e-15, atol=0)
     c_skip = 0.25 / ((80.0 - 0.002) ** 2 + 0.25)
-    per_sample = ((c_skip * (x0 + 80.0 * z) - (x0 + 0.002 * z)) ** 2).mean(1)
-    weight = 1.0 / (80.0 - 0.002) if weighting == "ict" else 1.0
+    per_sample = ((c_skip * (x0 + 80.0 * p.z) - (x0 + 0.002 * p.z)) ** 2).mean(1)
+    weight = 1.0 / (80.0 - 0.002) if weighting is inverse_gap_weight else 1.0
     assert loss.item() == pytest.approx(weight * per_sample.mean().item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("pairs", ["uniform", "lognormal"])
 def test_consistency_loss_pairs_are_adjacent_grid_points(pairs):
     proc = EDMProcess()
-    spy = Spy(UnbiasedEstimate(proc.perturb))
-    loss_fn = ConsistencyLoss(proc, ICTCurriculum(1000), spy, l2_distance, pairs=pairs)
+    indices = LognormalIndices() if pairs == "lognormal" else None
+    loss_fn = ct_loss(proc, ICTCurriculum(1000), indices=indices)
     x0 = batch(4000, 4)
-    loss_fn(identity, identity, x0, 0, torch.Generator().manual_seed(1))
-    _, x_hi, z, t_hi, t_lo = spy.calls[0]
+    p = loss_fn.draw(Batch(x0), 0, torch.Generator().manual_seed(1))
+    x_hi, z, t_hi, t_lo = p.x_t, p.z, p.t, p.r
     grid = proc.grid(11)
     n = torch.searchsorted(grid, t_lo)
     assert torch.equal(grid[n], t_lo)
@@ -211,11 +214,9 @@ def test_consistency_loss_pairs_are_adjacent_grid_points(pairs):
 
 def test_consistency_loss_uses_curriculum_grid():
     proc = EDMProcess()
-    spy = Spy(UnbiasedEstimate(proc.perturb))
     cur = ICTCurriculum(800)  # K' = 100: N = 11 at k < 100, 21 at k = 100
-    loss_fn = ConsistencyLoss(proc, cur, spy, l2_distance)
-    loss_fn(identity, identity, batch(2000, 5), 100, torch.Generator().manual_seed(2))
-    t_lo = spy.calls[0][4]
+    loss_fn = ct_loss(proc, cur)
+    t_lo = loss_fn.draw(Batch(batch(2000, 5)), 100, torch.Generator().manual_seed(2)).r
     assert set(t_lo.tolist()) <= set(proc.grid(21).tolist())
     assert len(set(t_lo.tolist())) == 20
 
@@ -225,10 +226,8 @@ def test_consistency_loss_reproducible_and_gradients_only_online():
     torch.manual_seed(0)
     online = proc.consistency(MLP(2, hidden=16, depth=1, emb_dim=8))
     target = copy.deepcopy(online)  # deliberately left with requires_grad=True
-    loss_fn = ConsistencyLoss(
-        proc, ICTCurriculum(100), UnbiasedEstimate(proc.perturb), make_distance("l2", 2)
-    )
-    x0 = batch(32, 6, torch.float32)
+    loss_fn = ct_loss(proc, ICTCurriculum(100), make_distance("l2", 2))
+    x0 = Batch(batch(32, 6, torch.float32))
     a = loss_fn(online, target, x0, 0, torch.Generator().manual_seed(7))
     b = loss_fn(online, target, x0, 0, torch.Generator().manual_seed(7))
     c = loss_fn(online, target, x0, 0, torch.Generator().manual_seed(8))
@@ -247,26 +246,25 @@ def test_consistency_loss_target_sees_online_dropout_masks():
             super().__init__()
             self.drop = nn.Dropout(0.5)
 
-        def forward(self, x, t):
+        def forward(self, x, t, **cond):
             return self.drop(x)
 
     f = DropoutFn().train()
     x = torch.ones(64, 8)
     assert not torch.equal(f(x, 1.0), f(x, 1.0))  # two plain calls draw different masks
-    same_point = Spy(lambda x0, x_hi, z, t_hi, t_lo: x_hi)
-    loss_fn = ConsistencyLoss(EDMProcess(), FixedScales(5), same_point, l2_distance)
-    loss = loss_fn(f, f, torch.randn(64, 8), 0, torch.Generator().manual_seed(0))
+    proc = EDMProcess()
+    same_point = lambda x0, x_t, z, t, r, cond: x_t  # noqa: E731
+    loss_fn = ConsistencyLoss(proc, GridPairs(proc, FixedScales(5)), same_point, l2_distance)
+    loss = loss_fn(f, f, Batch(torch.randn(64, 8)), 0, torch.Generator().manual_seed(0))
     assert loss.item() == 0.0  # identical inputs and identical masks
 
 
 @pytest.mark.parametrize("n_scales", [18, 40])
 def test_cd_loss_with_exact_teacher_vanishes_on_exact_consistency_function(n_scales):
-    x0 = batch(2048, 8)
+    x0 = Batch(batch(2048, 8))
     losses = {}
     for solver in ("euler", "heun"):
-        loss_fn = ConsistencyLoss(
-            EDMProcess(), FixedScales(n_scales), TeacherStep(gaussian_denoiser, solver), l2_distance
-        )
+        loss_fn = cd_loss(EDMProcess(), n_scales, gaussian_denoiser, solver)
         for name, f in (("exact", exact_consistency), ("identity", identity)):
             g = torch.Generator().manual_seed(9)
             losses[solver, name] = loss_fn(f, f, x0, 0, g).item()
@@ -280,19 +278,22 @@ def test_cd_loss_with_exact_teacher_vanishes_on_exact_consistency_function(n_sca
 def test_edm_loss_finite_and_reproducible():
     torch.manual_seed(0)
     D = EDMDenoiser(MLP(2, hidden=16, depth=1, emb_dim=8))
-    x0 = batch(64, 10, torch.float32)
-    a = edm_loss(D, x0, torch.Generator().manual_seed(0))
-    b = edm_loss(D, x0, torch.Generator().manual_seed(0))
+    x0 = Batch(batch(64, 10, torch.float32))
+    edm_loss = EDMLoss(EDMProcess())
+    a = edm_loss(D, None, x0, 0, torch.Generator().manual_seed(0))
+    b = edm_loss(D, None, x0, 0, torch.Generator().manual_seed(0))
     assert a.ndim == 0 and torch.isfinite(a) and a.item() == b.item()
 
     class Exact(nn.Module):
         """A 'network' whose EDM denoiser is exactly the Gaussian posterior mean: F = 0 when
         σ_d = S, because c_skip·x = S²/(S²+σ²)·x already is E[x₀ | x]."""
 
-        def forward(self, x, c):
+        def forward(self, x, c, **cond):
             return torch.zeros_like(x)
 
-    exact = edm_loss(EDMDenoiser(Exact(), S), batch(4096, 11), torch.Generator().manual_seed(1))
+    exact_loss = EDMLoss(EDMProcess(sigma_data=S))
+    g = torch.Generator().manual_seed(1)
+    exact = exact_loss(EDMDenoiser(Exact(), S), None, Batch(batch(4096, 11)), 0, g)
     # weighted MSE of the posterior mean: λ(σ)·(posterior variance per dim) = 1 exactly
     assert exact.item() == pytest.approx(1.0, rel=0.05)
 
@@ -310,7 +311,7 @@ def _toy():
     mu = torch.tensor((centres - np.array(scaler.shift)) / np.array(scaler.scale))
     var = torch.tensor((0.5 / np.sqrt(2) / np.array(scaler.scale)) ** 2)
 
-    def mixture_denoiser(x, t):
+    def mixture_denoiser(x, t, **cond):
         xd = x.double()
         t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1, 1)
         total = var + t**2  # (B, 1, 2)
@@ -342,17 +343,11 @@ def test_training_reduces_energy_distance(recipe):
     )
     if recipe == "ict":
         schedule = ICTCurriculum(steps, 10, 160)
-        loss_fn = ConsistencyLoss(
-            proc,
-            schedule,
-            UnbiasedEstimate(proc.perturb),
-            make_distance("pseudo-huber", 2),
-            pairs="lognormal",
-            weighting="ict",
-        )
+        pseudo_huber = make_distance("pseudo-huber", 2)
+        loss_fn = ct_loss(proc, schedule, pseudo_huber, LognormalIndices(), inverse_gap_weight)
     else:
         schedule = FixedScales(18, 0.0)
-        loss_fn = ConsistencyLoss(proc, schedule, TeacherStep(teacher, "heun"), l2_distance)
+        loss_fn = cd_loss(proc, 18, teacher)
     reference = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:1000]]
     z = torch.randn(1000, 2, generator=torch.Generator().manual_seed(2))
 
@@ -360,7 +355,7 @@ def test_training_reduces_energy_distance(recipe):
         return energy_distance(sample_onestep(online, proc, z).numpy(), reference.numpy())
 
     before = score()
-    train(state, loss_fn, data, steps, 256, 0.99, schedule.target_mu, progress=False)
+    train(state, loss_fn, Batch(data), steps, 256, 0.99, schedule.target_mu, progress=False)
     after = score()
     assert state.step == steps
     assert all(math.isfinite(v) for v in state.losses)

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from cmkit.errors import UserError
+from cmkit.losses import LognormalIndices, uniform_indices
 from cmkit.noise import (
     CTCurriculum,
     FixedScales,
     ICTCurriculum,
     karras_sigmas,
     lognormal_index_probs,
-    lognormal_indices,
-    uniform_indices,
 )
 from cmkit.param import ConsistencyFunction, EDMDenoiser, FlowParam
 from cmkit.process import EDMProcess, FlowProcess, process_from_dict
@@ -177,6 +176,7 @@ def test_lognormal_probs_sum_to_one(n):
 
 def test_lognormal_indices_range_reproducible_and_distributed():
     grid = EDMProcess().grid(11)
+    lognormal_indices = LognormalIndices()
     a = lognormal_indices(grid, 20000, torch.Generator().manual_seed(3))
     b = lognormal_indices(grid, 20000, torch.Generator().manual_seed(3))
     c = lognormal_indices(grid, 20000, torch.Generator().manual_seed(4))
@@ -188,14 +188,16 @@ def test_lognormal_indices_range_reproducible_and_distributed():
 
 
 def test_uniform_indices_range_and_reproducible():
-    a = uniform_indices(6, 5000, torch.Generator().manual_seed(0))
-    b = uniform_indices(6, 5000, torch.Generator().manual_seed(0))
+    grid = EDMProcess().grid(6)
+    a = uniform_indices(grid, 5000, torch.Generator().manual_seed(0))
+    b = uniform_indices(grid, 5000, torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
     assert a.shape == (5000,)
     assert set(a.tolist()) == {0, 1, 2, 3, 4}  # pairs (t_n, t_{n+1}): n ≤ N − 2
     freq = torch.bincount(a).double() / len(a)
     torch.testing.assert_close(freq, torch.full((5,), 0.2, dtype=torch.float64), atol=0.03, rtol=0)
-    assert set(uniform_indices(2, 100, torch.Generator().manual_seed(1)).tolist()) == {0}
+    two = EDMProcess().grid(2)
+    assert set(uniform_indices(two, 100, torch.Generator().manual_seed(1)).tolist()) == {0}
 
 
 # ---------------------------------------------------------------- processes

@@ -7,8 +7,16 @@ import pickle
 import pytest
 import torch
 
+from cmkit.batch import Batch
 from cmkit.errors import UserError
-from cmkit.losses import ConsistencyLoss, UnbiasedEstimate, make_distance
+from cmkit.losses import (
+    ConsistencyLoss,
+    GridPairs,
+    LognormalIndices,
+    UnbiasedEstimate,
+    inverse_gap_weight,
+    make_distance,
+)
 from cmkit.networks.mlp import MLP
 from cmkit.noise import ICTCurriculum
 from cmkit.process import EDMProcess
@@ -51,14 +59,13 @@ def make_state(seed=0):
     return TrainState(online, opt, torch.Generator().manual_seed(seed), ema, target)
 
 
-DATA = 0.5 * torch.randn(512, 2, generator=torch.Generator().manual_seed(123))
+DATA = Batch(0.5 * torch.randn(512, 2, generator=torch.Generator().manual_seed(123)))
 LOSS = ConsistencyLoss(
     EDMProcess(),
-    ICTCurriculum(20),
+    GridPairs(EDMProcess(), ICTCurriculum(20), LognormalIndices()),
     UnbiasedEstimate(EDMProcess().perturb),
     make_distance("pseudo-huber", 2),
-    pairs="lognormal",
-    weighting="ict",
+    inverse_gap_weight,
 )
 
 

@@ -10,7 +10,7 @@ from cmkit.errors import UserError
 from cmkit.metrics import energy_distance
 from cmkit.networks.mlp import MLP
 from cmkit.process import EDMProcess, FlowProcess
-from cmkit.sampling import check_times, default_times, sample_multistep, sample_ode, sample_onestep
+from cmkit.sampling import check_times, sample_multistep, sample_ode, sample_onestep
 
 S = 0.5
 
@@ -133,12 +133,12 @@ def test_same_inputs_same_outputs_with_a_network():
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_default_times_are_valid(steps):
     for proc in (EDMProcess(), FlowProcess()):
-        times = default_times(proc, steps)
+        times = proc.default_times(steps)
         assert len(times) == steps - 1
         check_times(proc, times)
-    assert default_times(FlowProcess(), 4) == [0.75, 0.5, 0.25]
+    assert FlowProcess().default_times(4) == [0.75, 0.5, 0.25]
     with pytest.raises(UserError):
-        default_times(EDMProcess(), 0)
+        EDMProcess().default_times(0)
 
 
 # ---------------------------------------------------------------- ODE sampling

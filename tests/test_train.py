@@ -6,12 +6,14 @@ import signal
 import pytest
 import torch
 
-from cmkit.losses import edm_loss
+from cmkit.batch import Batch
+from cmkit.losses import EDMLoss
 from cmkit.networks.mlp import MLP
 from cmkit.process import EDMProcess
 from cmkit.train import TrainingDiverged, TrainingInterrupted, TrainState, train
 
-DATA = 0.5 * torch.randn(256, 2, generator=torch.Generator().manual_seed(5))
+DATA = Batch(0.5 * torch.randn(256, 2, generator=torch.Generator().manual_seed(5)))
+edm_loss = EDMLoss(EDMProcess())
 
 
 def make_state(seed=0, optimizer=torch.optim.Adam, lr=1e-3) -> TrainState:
@@ -29,7 +31,7 @@ def teacher_loss(bad_steps=(), kind="loss"):
     gradient (√(0·loss) is 0 but its derivative is ∞·0 = NaN)."""
 
     def loss_fn(f, _target, x0, step, generator):
-        loss = edm_loss(f, x0, generator)
+        loss = edm_loss(f, None, x0, step, generator)
         if step in bad_steps and kind == "loss":
             return loss * float("nan")
         if step in bad_steps and kind == "gradient":
@@ -132,7 +134,7 @@ def test_ctrl_c_saves_the_current_step_then_stops():
     def interrupt_at_4(f, target, x0, step, generator):
         if step == 4:
             signal.raise_signal(signal.SIGINT)
-        return edm_loss(f, x0, generator)
+        return edm_loss(f, None, x0, step, generator)
 
     state = make_state()
     with pytest.raises(TrainingInterrupted, match="after step 5 and saved a checkpoint"):
@@ -147,7 +149,7 @@ def test_a_second_ctrl_c_interrupts_at_once():
         if step == 2:
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
-        return edm_loss(f, x0, generator)
+        return edm_loss(f, None, x0, step, generator)
 
     saved, checkpoint = snapshots()
     with pytest.raises(KeyboardInterrupt) as info:

@@ -36,5 +36,5 @@ class DiffusersUNet(nn.Module):
         super().__init__()
         self.unet = require_diffusers().UNet2DModel(**unet_kwargs)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, **cond) -> torch.Tensor:
         return self.unet(x, TIMESTEP_PER_C_NOISE * c_noise, return_dict=False)[0]

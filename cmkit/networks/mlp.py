@@ -37,7 +37,7 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim, dropout) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, **cond) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLP expects input of shape (B, {self.dim}), got {tuple(x.shape)}")
         emb = self.embed(c_noise)

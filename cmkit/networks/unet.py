@@ -166,7 +166,7 @@ class UNet(nn.Module):
                 f"UNet expects c_noise of shape ({x.shape[0]},), got {tuple(c_noise.shape)}"
             )
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, **cond) -> torch.Tensor:
         """x (B, C, H, W), c_noise (B,) -> (B, C, H, W)."""
         self._check(x, c_noise)
         emb = self.emb_mlp(self.freq_embed(c_noise).to(x.dtype))
