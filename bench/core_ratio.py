@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from benchmarks_md import write_section
 
+from cmkit.data import run_splits
 from cmkit.generate import generate, load_model
 from cmkit.metrics import energy_distance
-from cmkit.recipes import held_out_data
 
 
 def pinwheel(n: int = 50_000, arms: int = 5, seed: int = 123) -> np.ndarray:
@@ -65,7 +65,7 @@ def main() -> None:
         ("iCT, 2 steps", "ict", {"steps": 2}),
     ]:
         model = load_model(str(work / run))
-        ref = held_out_data(model.config)
+        ref = run_splits(model.config.data)[1]
         eds = [
             energy_distance(generate(model, args.n, s, **options), ref) for s in range(args.seeds)
         ]

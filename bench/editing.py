@@ -96,7 +96,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     model = load_model(args.model)
-    train, truth = run_splits(model.config["data"])
+    train, truth = run_splits(model.config.data)
     rows = inpainting_rows(model, truth, train, args) + superres_rows(model, truth, args)
     write_table(rows, len(truth), args)
 

@@ -58,7 +58,7 @@ def tune(run_dir: Path, scorer: Scorer, n: int) -> dict[str, list[float]]:
         model = load_model(str(run_dir))
         times, best = tune_times(model, scorer, steps, n, start=times[:1])
         store_times(run_dir, steps, times, {"metric": scorer.primary, "value": best, "n": n})
-    return load_model(str(run_dir)).config["sampling"]["times"]
+    return load_model(str(run_dir)).config.sampling.times
 
 
 def run_data(name: str, runs: Path, scale: float, n: int | None) -> dict:
@@ -70,7 +70,7 @@ def run_data(name: str, runs: Path, scale: float, n: int | None) -> dict:
         for run in ("teacher", "cd", "ict")
     }
     teacher = load_model(str(out / "teacher"))
-    train, held = run_splits(teacher.config["data"])
+    train, held = run_splits(teacher.config.data)
     scorer, tune_scorer = scorers(name, teacher, train, held)
     n = n or (2000 if len(teacher.shape) == 3 else 5000)
     result = {"name": name, "seconds": seconds, "n": n, "reference": len(scorer.reference)}

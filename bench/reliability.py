@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from cmkit.batch import Batch
-from cmkit.data import load_data
+from cmkit.config import DataSection, RunConfig, TrainingSection
+from cmkit.data import Scaler, load_data
+from cmkit.networks.zoo import build_network, default_network
 from cmkit.process import EDMProcess
-from cmkit.recipes import default_network
-from cmkit.runs import build_network, save_checkpoint
+from cmkit.runs import save_checkpoint
 from cmkit.train import TrainState, train
 
 
@@ -31,18 +32,20 @@ def make_state(spec: dict, seed: int = 0) -> TrainState:
     return TrainState(online, optimizer, torch.Generator().manual_seed(seed), net, target)
 
 
-def checkpoint_seconds(spec: dict, repeats: int) -> tuple[float, int, int]:
+def checkpoint_seconds(spec, repeats: int) -> tuple[float, int, int]:
     """Median wall time of save_checkpoint, the bytes it writes and the parameter count."""
     state = make_state(spec)
     state.online.net.zero_grad()
     for p in state.online.parameters():  # Adam moments exist only after a step
         p.grad = torch.zeros_like(p)
     state.optimizer.step()
+    data = DataSection("bench", 0.0, (1,), Scaler((0.0,), (1.0,)))
+    config = RunConfig("consistency", EDMProcess(), spec, data, TrainingSection("bench"))
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):
             start = time.perf_counter()
-            save_checkpoint(Path(tmp), {"kind": "consistency"}, state)
+            save_checkpoint(Path(tmp), config, state)
             times.append(time.perf_counter() - start)
         size = sum(p.stat().st_size for p in Path(tmp).iterdir())
     params = sum(p.numel() for p in state.online.parameters())

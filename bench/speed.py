@@ -20,9 +20,9 @@ from benchmarks_md import write_section
 
 from cmkit.data import Scaler
 from cmkit.generate import Model, generate, load_model
+from cmkit.networks.zoo import default_network
 from cmkit.param import consistency_scalings
 from cmkit.process import EDMProcess
-from cmkit.recipes import default_network
 from cmkit.runs import build_network
 from cmkit.sampling import sample_ode, sample_onestep
 
@@ -51,7 +51,7 @@ def variants(model: Model, batch: int) -> dict[str, Callable[[], object]]:
         "cmkit generate()": lambda: generate(model, batch, seed=0),
         "teacher Heun 35": lambda: sample_ode(teacher, proc, z, 18, "heun"),
     }
-    if model.config["network"]["type"] == "diffusers-unet":
+    if model.config.network.type == "diffusers-unet":
         pipe = pipeline(model)
         gen = torch.Generator()
         out["diffusers pipeline"] = lambda: pipe(

@@ -230,9 +230,9 @@ def split_holdout(x: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.nda
     return x[np.sort(order[n_held:])], x[np.sort(order[:n_held])]
 
 
-def run_splits(section: dict) -> tuple[np.ndarray, np.ndarray]:
+def run_splits(section) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) split of a run's data, from its config's data section."""
-    return split_holdout(load_data(section["spec"]), section["holdout"])
+    return split_holdout(load_data(section.spec), section.holdout)
 
 
 @dataclass(frozen=True)
@@ -309,6 +309,11 @@ class Scaler:
                 "and 'scale'"
             ) from e
         return cls(shift=shift, scale=scale)
+
+
+def to_unit(x):
+    """Images in model units [−1, 1] -> [0, 1], what PNG writers and feature extractors read."""
+    return (x + 1) / 2
 
 
 def describe(x: np.ndarray) -> str:

@@ -16,51 +16,43 @@ from pathlib import Path
 
 import torch
 
-from cmkit import recipes
+from cmkit.config import DataSection, NetworkSpec, RunConfig, TrainingSection
 from cmkit.data import Scaler
-from cmkit.errors import UserError
+from cmkit.errors import OptionError, UserError
 from cmkit.generate import Model, cm_times
 from cmkit.networks.diffusers_unet import require_diffusers
-from cmkit.process import EDMProcess, process_from_dict
-from cmkit.runs import (
-    FORMAT,
-    build_network,
-    load_config,
-    load_network,
-    read_json,
-    save_json,
-    save_tensors,
-)
+from cmkit.networks.zoo import build_network
+from cmkit.process import EDMProcess
+from cmkit.runs import load_config, load_network, read_json, save_config, save_json, save_tensors
 from cmkit.sampling import check_times
 
 SIDECAR = "cmkit.json"
 PIXEL_SCALER = Scaler(shift=(127.5,), scale=(127.5,))  # 0..255 <-> [−1, 1]
 
 
-def check_exportable(run_dir: str | Path, config: dict) -> None:
+def check_exportable(run_dir: str | Path, config: RunConfig) -> None:
     """Refuse runs ConsistencyModelPipeline cannot run exactly, saying why."""
-    if config["kind"] != "consistency":
+    if config.kind != "consistency":
         raise UserError(
             f"{run_dir} is a teacher run; export-diffusers takes consistency runs "
             "(the pipeline applies the consistency parameterisation)"
         )
-    process = process_from_dict(config["process"])
-    if process.diffusers_scheduler() is None:
+    if config.process.diffusers_scheduler() is None:
         raise UserError(
-            f"{run_dir} uses the {process.name} process; "
+            f"{run_dir} uses the {config.process.name} process; "
             "ConsistencyModelPipeline samples the EDM process only"
         )
-    network = config["network"]
-    if network["type"] != "diffusers-unet":
+    network = config.network
+    if network.type != "diffusers-unet":
         raise UserError(
-            f"{run_dir} has a {network['type']} network; only runs trained with "
+            f"{run_dir} has a {network.type} network; only runs trained with "
             "--backbone diffusers-unet export (train or distill one with that flag)"
         )
-    channels, height, width = config["data"]["shape"]
-    if height != width or network["kwargs"].get("sample_size") != height:
+    channels, height, width = config.data.shape
+    if height != width or network.kwargs.get("sample_size") != height:
         raise UserError(
             f"{run_dir} makes {height}x{width} images with UNet sample_size "
-            f"{network['kwargs'].get('sample_size')}; ConsistencyModelPipeline needs square "
+            f"{network.kwargs.get('sample_size')}; ConsistencyModelPipeline needs square "
             "images of side sample_size"
         )
 
@@ -76,24 +68,22 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path, num_scales: int | 
         raise UserError(f"--out {out} exists and is not empty; pick a new folder")
     config = load_config(run_dir)
     check_exportable(run_dir, config)
-    n = num_scales or config["sampling"].get("num_train_timesteps") or recipes.final_scales(config)
-    if n < 2:
-        raise UserError(f"--num-train-timesteps must be >= 2, got {n}")
+    sampling = config.sampling
+    n = num_scales or sampling.num_train_timesteps or sampling.num_scales
+    if n is None or n < 2:
+        raise OptionError("num_train_timesteps", f"must be >= 2, got {n}")
     config, net = load_network(run_dir, "ema")
-    process = process_from_dict(config["process"])
     diffusers = require_diffusers()
     scheduler = diffusers.CMStochasticIterativeScheduler(
         num_train_timesteps=n,
-        clip_denoised=config["sampling"].get("clip_denoised", False),
-        **process.diffusers_scheduler(),
+        clip_denoised=sampling.clip_denoised,
+        **config.process.diffusers_scheduler(),
     )
     pipe = diffusers.ConsistencyModelPipeline(unet=net.unet, scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
-    save_json(
-        out / SIDECAR, {**config, "sampling": {**config["sampling"], "num_train_timesteps": n}}
-    )
-    scaler = Scaler.from_dict(config["data"]["scaler"])
-    return Model(config, process, process.consistency(net), scaler), n
+    config.sampling.num_train_timesteps = n
+    save_json(out / SIDECAR, config.to_dict())
+    return Model(config, config.process.consistency(net)), n
 
 
 def pipeline_timesteps(process: EDMProcess, n: int, times: list[float]) -> list[int]:
@@ -120,7 +110,7 @@ def pipeline_calls(model: Model, n: int) -> list[str]:
     """How to reproduce `cmkit sample --steps K --seed S` with the exported pipeline, for one
     step, two steps and every step count with stored times."""
     lines = []
-    for steps in sorted({1, 2, *map(int, model.config["sampling"].get("times", {}))}):
+    for steps in sorted({1, 2, *map(int, model.config.sampling.times)}):
         try:
             timesteps = pipeline_timesteps(model.process, n, cm_times(model, steps, None))
             call = f"pipe(num_inference_steps=None, timesteps={timesteps}, generator=g)"
@@ -142,13 +132,13 @@ def import_pipeline(pipeline_dir: str | Path, out_dir: str | Path) -> Path:
     kwargs = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     if kwargs.get("num_class_embeds") or kwargs["in_channels"] != kwargs["out_channels"]:
         raise UserError(f"{src}: cmkit imports unconditional UNets with in = out channels")
-    network = {"type": "diffusers-unet", "kwargs": kwargs}
+    network = NetworkSpec("diffusers-unet", kwargs)
     net = build_network(network)
     net.unet.load_state_dict(unet.state_dict())
     config = _imported_config(src, process, network, scheduler)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "ema.safetensors", net.state_dict())
-    save_json(out / "config.json", config)
+    save_config(out, config)
     return out
 
 
@@ -182,36 +172,25 @@ def _process_of(scheduler: dict, src: Path) -> EDMProcess:
     return EDMProcess(**{k: float(scheduler[k]) for k in keys if k in scheduler})
 
 
-def _imported_config(src: Path, process: EDMProcess, network: dict, scheduler: dict) -> dict:
-    """config.json for an imported pipeline: cmkit.json's data and sampling sections when the
-    folder came from export-diffusers, pixel units 0..255 otherwise."""
-    kwargs = network["kwargs"]
-    side = kwargs["sample_size"]
+def _imported_config(
+    src: Path, process: EDMProcess, network: NetworkSpec, scheduler: dict
+) -> RunConfig:
+    """config.json for an imported pipeline: cmkit.json's data, training and sampling sections
+    when the folder came from export-diffusers, pixel units 0..255 otherwise."""
+    side = network.kwargs["sample_size"]
     height, width = (side, side) if isinstance(side, int) else side
-    shape = [kwargs["in_channels"], height, width]
-    sidecar = read_json(src / SIDECAR) if (src / SIDECAR).is_file() else {}
-    if not isinstance(sidecar, dict):
-        raise UserError(f"{src / SIDECAR} must hold a JSON object")
-    data = sidecar.get("data") or {
-        "spec": f"diffusers:{src.resolve()}",
-        "holdout": 0.0,
-        "shape": shape,
-        "scaler": PIXEL_SCALER.to_dict(),
-    }
-    if data["shape"] != shape:
-        raise UserError(f"{src / SIDECAR} says shape {data['shape']}; the UNet makes {shape}")
-    sampling = {
-        **sidecar.get("sampling", {"times": {}}),
-        "clip_denoised": bool(scheduler.get("clip_denoised", True)),
-        "num_train_timesteps": int(scheduler.get("num_train_timesteps", 40)),
-    }
-    training = sidecar.get("training") or {"recipe": "imported", "source": str(src.resolve())}
-    return {
-        "format": FORMAT,
-        "kind": "consistency",
-        "process": process.to_dict(),
-        "network": network,
-        "data": data,
-        "training": training,
-        "sampling": sampling,
-    }
+    shape = (network.kwargs["in_channels"], height, width)
+    if (src / SIDECAR).is_file():
+        config = RunConfig.from_dict(read_json(src / SIDECAR), str(src / SIDECAR))
+        if config.data.shape != shape:
+            raise UserError(
+                f"{src / SIDECAR} says shape {config.data.shape}; the UNet makes {shape}"
+            )
+        config.process, config.network = process, network
+    else:
+        data = DataSection(f"diffusers:{src.resolve()}", 0.0, shape, PIXEL_SCALER)
+        training = TrainingSection("imported", options={"source": str(src.resolve())})
+        config = RunConfig("consistency", process, network, data, training)
+    config.sampling.clip_denoised = bool(scheduler.get("clip_denoised", True))
+    config.sampling.num_train_timesteps = int(scheduler.get("num_train_timesteps", 40))
+    return config

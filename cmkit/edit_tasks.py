@@ -15,7 +15,7 @@ from PIL import Image
 
 from cmkit import editing
 from cmkit.batch import NO_COND, Cond
-from cmkit.data import IMAGE_SUFFIXES, load_data, load_image, read_array
+from cmkit.data import IMAGE_SUFFIXES, load_data, load_image, read_array, to_unit
 from cmkit.editing import MASKS, TASKS
 from cmkit.errors import UserError
 from cmkit.generate import Model, cm_times
@@ -110,8 +110,7 @@ def edit_times(model: Model, task: str, opts: EditOptions) -> list[float]:
 def _f(model: Model):
     """The consistency function, clamped to [−1, 1] where the run says so, as `generate` does
     (runs imported from diffusers with clip_denoised)."""
-    clip = model.config["sampling"].get("clip_denoised", False)
-    return clip_denoised(model.fn) if clip else model.fn
+    return clip_denoised(model.fn) if model.config.sampling.clip_denoised else model.fn
 
 
 def _edit(model: Model, task: str, opts, gen, cond, x_init, impose=editing.identity):
@@ -278,7 +277,7 @@ def write_output(path: Path, x: np.ndarray, model: Model, nrow: int | None = Non
     if path.suffix.lower() == ".npy":
         np.save(path, model.scaler.to_raw(x))
         return
-    pixels = image_grid((x + 1) / 2, nrow=nrow, pad=0)
+    pixels = image_grid(to_unit(x), nrow=nrow, pad=0)
     Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(path)
 
 
@@ -303,8 +302,8 @@ def edit_files(
         return [out]
     grid = out.with_name(out.stem + "_grid.png")
     if result.before is None:
-        save_image_grid((result.after + 1) / 2, grid, nrow=opts.frames)
+        save_image_grid(to_unit(result.after), grid, nrow=opts.frames)
     else:
         pairs = np.stack([result.before, result.after], 1).reshape(-1, *result.after.shape[1:])
-        save_image_grid((pairs + 1) / 2, grid, nrow=2)
+        save_image_grid(to_unit(pairs), grid, nrow=2)
     return [out, grid]

@@ -80,7 +80,7 @@ class Scorer:
 
     def _features(self, images: np.ndarray) -> torch.Tensor:
         """Features of images in the user's units, which the extractor reads in [0, 1]."""
-        return extract_features(self.extractor, (self.scaler.to_model(images) + 1) / 2)
+        return extract_features(self.extractor, datalib.to_unit(self.scaler.to_model(images)))
 
 
 def make_scorer(model: Model, reference: np.ndarray, features: str | None = None) -> Scorer:
@@ -104,8 +104,8 @@ def make_scorer(model: Model, reference: np.ndarray, features: str | None = None
 
 def held_out(model: Model, data_spec: str | None) -> np.ndarray:
     """The reference set: the user's --data, else the run's held-out split (never trained on)."""
-    section = model.config["data"]
-    if data_spec is not None and data_spec != section["spec"]:
+    section = model.config.data
+    if data_spec is not None and data_spec != section.spec:
         return datalib.load_data(data_spec)
     x = datalib.run_splits(section)[1]
     if len(x) == 0:
@@ -117,7 +117,7 @@ def held_out(model: Model, data_spec: str | None) -> np.ndarray:
 
 def training_split(model: Model) -> np.ndarray:
     """The run's training split, for tuning (tuning on held-out data would flatter the eval)."""
-    return datalib.run_splits(model.config["data"])[0]
+    return datalib.run_splits(model.config.data)[0]
 
 
 def teacher_grid_points(solver: str, nfe: int) -> int:

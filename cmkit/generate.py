@@ -8,36 +8,43 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cmkit.batch import NO_COND, Cond, cond_rows
+from cmkit.config import RunConfig
 from cmkit.data import Scaler
 from cmkit.errors import UserError
-from cmkit.process import Process, process_from_dict
+from cmkit.process import Process
 from cmkit.runs import load_network
 from cmkit.sampling import check_times, clip_denoised, sample_multistep, sample_ode
+from cmkit.solvers import DEFAULT_GRID_POINTS, DEFAULT_SOLVER
 
 
 @dataclass
 class Model:
     """A run ready to sample: the wrapped network (denoiser or consistency function) and context."""
 
-    config: dict
-    process: Process
+    config: RunConfig
     fn: nn.Module
-    scaler: Scaler
+
+    @property
+    def process(self) -> Process:
+        return self.config.process
+
+    @property
+    def scaler(self) -> Scaler:
+        return self.config.data.scaler
 
     @property
     def kind(self) -> str:
-        return self.config["kind"]
+        return self.config.kind
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.config["data"]["shape"])
+        return self.config.data.shape
 
 
 def load_model(run_dir: str, device: str = "cpu", which: str = "ema") -> Model:
     config, net = load_network(run_dir, which)
-    process = process_from_dict(config["process"])
-    wrap = process.denoiser if config["kind"] == "teacher" else process.consistency
-    return Model(config, process, wrap(net.to(device)), Scaler.from_dict(config["data"]["scaler"]))
+    wrap = config.process.denoiser if config.kind == "teacher" else config.process.consistency
+    return Model(config, wrap(net.to(device)))
 
 
 def cm_times(model: Model, steps: int | None, times: list[float] | None) -> list[float]:
@@ -46,7 +53,7 @@ def cm_times(model: Model, steps: int | None, times: list[float] | None) -> list
         check_times(model.process, times)
         return times
     steps = steps or 1
-    stored = model.config.get("sampling", {}).get("times", {}).get(str(steps))
+    stored = model.config.sampling.times.get(str(steps))
     return stored if stored is not None else model.process.default_times(steps)
 
 
@@ -84,14 +91,13 @@ def generate(
     device = next(model.fn.parameters()).device
     use_ode = model.kind == "teacher" or ode
     if use_ode:
-        k = steps or model.config["sampling"].get("steps", 18)
-        solver = solver or model.config["sampling"].get("solver", "heun")
+        k = steps or model.config.sampling.steps or DEFAULT_GRID_POINTS
+        solver = solver or model.config.sampling.solver or DEFAULT_SOLVER
         noises = []
     else:
         taus = cm_times(model, steps, times)
         noises = [torch.randn(z.shape, generator=gen) for _ in taus]
-        clip = model.config["sampling"].get("clip_denoised", False)
-        f = clip_denoised(model.fn) if clip else model.fn
+        f = clip_denoised(model.fn) if model.config.sampling.clip_denoised else model.fn
     out = []
     for i in tqdm(range(0, n, chunk), disable=not progress, desc="sampling", unit="chunk"):
         zc, ec = z[i : i + chunk].to(device), [e[i : i + chunk].to(device) for e in noises]

@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 from cmkit import recipes
-from cmkit.data import load_data
+from cmkit.data import load_data, run_splits, to_unit
 from cmkit.generate import generate, load_model
 from cmkit.metrics import energy_distance
 from cmkit.plots import image_grid, save_panels
+from cmkit.process import EDMProcess
 from cmkit.runs import load_config
 
 DATA = "digits"
@@ -25,9 +26,9 @@ SAMPLERS = [  # (title, run, sampling options, network evaluations)
 ]
 
 
-def _common(out: Path, steps: int, device: str, progress: bool) -> recipes.Common:
+def _run_options(out: Path, steps: int, device: str, progress: bool) -> recipes.RunOptions:
     print(f"== {out.name}: {steps} steps", flush=True)
-    return recipes.Common(
+    return recipes.RunOptions(
         out=str(out),
         steps=steps,
         device=device,
@@ -46,15 +47,16 @@ def train_all(
         name: max(10, round(base[key] * scale))
         for name, key in [("teacher", "teacher_steps"), ("cd", "cm_steps"), ("ict", "cm_steps")]
     }
+    cd = recipes.CDOptions(teacher=str(out / "teacher"))
     stages = {  # run in this order: distillation reads the teacher run
-        "teacher": lambda common: recipes.teacher_run(common, data),
-        "cd": lambda common: recipes.distill_run(common, str(out / "teacher")),
-        "ict": lambda common: recipes.ct_run(common, data, recipes.CTOptions(recipe="ict")),
+        "teacher": lambda run: recipes.teacher_run(run, data, EDMProcess()),
+        "cd": lambda run: recipes.distill_run(run, cd),
+        "ict": lambda run: recipes.ict_run(run, data, EDMProcess(), recipes.ICTOptions()),
     }
     seconds = {}
-    for name, run in stages.items():
+    for name, train in stages.items():
         start = time.perf_counter()
-        run(_common(out / name, steps[name], device, progress))
+        train(_run_options(out / name, steps[name], device, progress))
         seconds[name] = time.perf_counter() - start
     return seconds
 
@@ -63,12 +65,12 @@ def quickstart(out: Path, scale: float = 1.0, device: str = "cpu", progress: boo
     """Run the whole pipeline and write the comparison PNG and report; returns the report."""
     out.mkdir(parents=True, exist_ok=True)
     seconds = train_all(out, scale, device, progress)
-    held_out = recipes.held_out_data(load_config(out / "teacher"))
+    held_out = run_splits(load_config(out / "teacher").data)[1]
     panels, rows = [], []
     for title, run, options, nfe in SAMPLERS:
         model = load_model(str(out / run), device)
         x = generate(model, 500, seed=0, **options)
-        panels.append((f"{title} ({nfe} NFE)", image_grid((model.scaler.to_model(x[:64]) + 1) / 2)))
+        panels.append((f"{title} ({nfe} NFE)", image_grid(to_unit(model.scaler.to_model(x[:64])))))
         rows.append((title, nfe, energy_distance(x, held_out)))
     save_panels(panels, out / "samples.png")
     report = out / "report.md"

@@ -24,14 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cmkit.config import RunConfig
 from cmkit.errors import UserError
-from cmkit.networks.diffusers_unet import DiffusersUNet
-from cmkit.networks.mlp import MLP
-from cmkit.networks.unet import UNet
+from cmkit.networks.zoo import build_network
 from cmkit.train import TrainState
 
-FORMAT = 1
-KINDS = ("teacher", "consistency")
 COMMIT = "checkpoint.commit"
 CHECKPOINT_FILES = (
     "config.json",
@@ -90,22 +87,6 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write(path, _tensors_writer(tensors))
 
 
-def build_network(spec: dict) -> nn.Module:
-    """Rebuild a plain network from {"type": "mlp" | "unet" | "diffusers-unet", "kwargs": {...}}."""
-    kwargs = dict(spec.get("kwargs", {}))
-    if spec.get("type") == "mlp":
-        return MLP(**kwargs)
-    if spec.get("type") == "unet":
-        kwargs["channel_mult"] = tuple(kwargs.get("channel_mult", (1, 2)))
-        kwargs["attention_levels"] = tuple(kwargs.get("attention_levels", ()))
-        return UNet(**kwargs)
-    if spec.get("type") == "diffusers-unet":
-        return DiffusersUNet(**kwargs)
-    raise UserError(
-        f"unknown network type {spec.get('type')!r}; expected 'mlp', 'unet' or 'diffusers-unet'"
-    )
-
-
 def _trainer_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     """Optimiser moments and RNG states: what, with the weights, makes resume exact."""
     opt = state.optimizer.state_dict()
@@ -119,11 +100,11 @@ def _trainer_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_checkpoint(run_dir: Path, config: dict, state: TrainState) -> None:
+def save_checkpoint(run_dir: Path, config: RunConfig, state: TrainState) -> None:
     """Stage every file, commit them together, then rename (see the module docstring)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     files = {
-        "config.json": _json_writer({"format": FORMAT, **config}),
+        "config.json": _json_writer(config.to_dict()),
         "online.safetensors": _tensors_writer(state.online.net.state_dict()),
         "ema.safetensors": _tensors_writer(state.ema.state_dict()),
         "trainer.safetensors": _tensors_writer(_trainer_tensors(state)),
@@ -183,18 +164,19 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
 
 
-def load_config(run_dir: str | Path, kind: str | None = None) -> dict:
+def load_config(run_dir: str | Path, kind: str | None = None) -> RunConfig:
     """Read and check a run's config.json; `kind` ("teacher"/"consistency") when one is required."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a cmkit run directory (no config.json)")
-    config = read_json(path)
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise UserError(f"{path} has run format {found!r}; this cmkit reads format {FORMAT}")
-    if config.get("kind") not in KINDS or (kind and config["kind"] != kind):
-        raise UserError(f"{run_dir} is a {config.get('kind')!r} run; expected {kind or KINDS}")
+    config = RunConfig.from_dict(read_json(path), str(path))
+    if kind and config.kind != kind:
+        raise UserError(f"{run_dir} is a {config.kind!r} run; expected {kind!r}")
     return config
+
+
+def save_config(run_dir: str | Path, config: RunConfig) -> None:
+    save_json(Path(run_dir) / "config.json", config.to_dict())
 
 
 def store_times(run_dir: str | Path, steps: int, times: list[float], note: dict) -> None:
@@ -203,10 +185,9 @@ def store_times(run_dir: str | Path, steps: int, times: list[float], note: dict)
     Training that resumes rewrites config.json and drops them: they belong to these weights.
     """
     config = load_config(run_dir, "consistency")
-    sampling = config.setdefault("sampling", {})
-    sampling.setdefault("times", {})[str(steps)] = times
-    sampling.setdefault("tuning", {})[str(steps)] = note
-    save_json(Path(run_dir) / "config.json", config)
+    config.sampling.times[str(steps)] = times
+    config.sampling.tuning[str(steps)] = note
+    save_config(run_dir, config)
 
 
 def load_weights(module: nn.Module, path: Path) -> None:
@@ -218,10 +199,10 @@ def load_weights(module: nn.Module, path: Path) -> None:
         raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
 
 
-def load_network(run_dir: str | Path, which: str = "ema") -> tuple[dict, nn.Module]:
+def load_network(run_dir: str | Path, which: str = "ema") -> tuple[RunConfig, nn.Module]:
     """The run's config and its plain network with the `which` weights (online, ema, target)."""
     config = load_config(run_dir)
-    net = build_network(config["network"])
+    net = build_network(config.network)
     load_weights(net, Path(run_dir) / f"{which}.safetensors")
     return config, net.eval()
 

@@ -46,6 +46,7 @@ def heun_step(denoiser: Denoiser, x: torch.Tensor, t, t_next, cond: Cond = NO_CO
 
 SOLVER_STEPS = {"euler": euler_step, "heun": heun_step}
 SOLVERS = tuple(SOLVER_STEPS)
+DEFAULT_SOLVER, DEFAULT_GRID_POINTS = "heun", 18  # EDM's sampler: 18 points, 35 evaluations
 
 
 def nfe(solver: str, times: torch.Tensor) -> int:

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from cmkit.cli import main
+from cmkit.config import RunConfig
 from cmkit.data import Scaler
 from cmkit.errors import UserError
 from cmkit.process import EDMProcess
-from cmkit.recipes import final_scales
 
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers not installed: pip install 'cmkit[diffusers]'"
@@ -150,8 +150,10 @@ def test_pipeline_timesteps_map_tau_to_grid_indices():
         pipeline_timesteps(process, N, [100.0])
 
 
-def test_final_scales_is_the_training_grid_at_the_end():
-    assert final_scales({"training": {"num_scales": 18}}) == 18
+def test_format_1_configs_gain_the_final_training_grid():
+    """Format 1 stored no final N: the upgrade computes it from the recipe's options."""
+    cd = {"recipe": "cd", "num_scales": 18, "steps": 10, "solver": "heun"}
+    assert _upgraded({"training": cd}).sampling.num_scales == 18
     ict = {
         "recipe": "ict",
         "process": "edm",
@@ -167,8 +169,14 @@ def test_final_scales_is_the_training_grid_at_the_end():
         "p_std": 2.0,
         "steps": 3000,
     }
-    config = {"training": ict, "process": EDMProcess().to_dict(), "data": {"shape": [1, 8, 8]}}
-    assert final_scales(config) == 1281
+    assert _upgraded({"training": ict}).sampling.num_scales == 1281
+
+
+def _upgraded(overrides: dict) -> RunConfig:
+    return RunConfig.from_dict({**_config(), **overrides})
+
+
+SCALER = {"shift": [8.0], "scale": [8.0]}
 
 
 def _config(kind="consistency", process="edm", network="diffusers-unet", shape=(1, 8, 8)):
@@ -178,8 +186,8 @@ def _config(kind="consistency", process="edm", network="diffusers-unet", shape=(
         "kind": kind,
         "process": proc,
         "network": {"type": network, "kwargs": {"sample_size": shape[-1]}},
-        "data": {"shape": list(shape)},
-        "training": {"num_scales": 18},
+        "data": {"spec": "digits", "holdout": 0.1, "shape": list(shape), "scaler": SCALER},
+        "training": {"recipe": "cd", "num_scales": 18, "steps": 10},
         "sampling": {"times": {}},
     }
 
@@ -216,7 +224,7 @@ def test_distill_into_a_diffusers_student(exported, capsys):
     assert run_cli("train-teacher", "--data", data, "--out", root / "teacher", *TINY) == 0
     student = ["distill", "--teacher", root / "teacher", "--backbone", "diffusers-unet"]
     assert run_cli(*student, "--out", root / "cd", *TINY) == 2
-    assert "--no-init-from-teacher" in capsys.readouterr().err
+    assert "from random weights" in capsys.readouterr().err
     assert run_cli(*student, "--no-init-from-teacher", "--out", root / "cd", *TINY) == 0
     config = json.loads((root / "cd" / "config.json").read_text())
     assert config["network"]["type"] == "diffusers-unet"

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
+from cmkit.config import NetworkSpec
 from cmkit.errors import UserError
-from cmkit.recipes import default_network
-from cmkit.runs import build_network
+from cmkit.networks.zoo import build_network, default_network
 
 NO_DIFFUSERS = "diffusers not installed: pip install 'cmkit[diffusers]'"
 TINY = {
@@ -53,14 +53,14 @@ def test_missing_diffusers_is_a_one_line_user_error(tmp_path):
 def test_vectors_refuse_the_diffusers_backbone():
     with pytest.raises(UserError, match="needs images"):
         default_network((2,), backbone="diffusers-unet")
-    with pytest.raises(UserError, match="--backbone"):
+    with pytest.raises(UserError, match="backbone"):
         default_network((1, 8, 8), backbone="resnet")
 
 
 def test_adapter_passes_250_ln_sigma_as_a_float_tensor():
     pytest.importorskip("diffusers", reason=NO_DIFFUSERS)
     torch.manual_seed(0)
-    net = build_network({"type": "diffusers-unet", "kwargs": TINY}).eval()
+    net = build_network(NetworkSpec("diffusers-unet", TINY)).eval()
     x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([80.0, 2.5, 0.0123])
     with torch.no_grad():
         ours = net(x, torch.log(sigma) / 4)
@@ -74,8 +74,8 @@ def test_adapter_passes_250_ln_sigma_as_a_float_tensor():
 def test_default_diffusers_unet_for_8_to_64_px(side):
     pytest.importorskip("diffusers", reason=NO_DIFFUSERS)
     spec = default_network((3, side, side), backbone="diffusers-unet")
-    assert spec["type"] == "diffusers-unet" and spec["kwargs"]["sample_size"] == side
-    assert len(spec["kwargs"]["block_out_channels"]) == (3 if side >= 32 else 2)
+    assert spec.type == "diffusers-unet" and spec.kwargs["sample_size"] == side
+    assert len(spec.kwargs["block_out_channels"]) == (3 if side >= 32 else 2)
     net = build_network(spec)
     with torch.no_grad():
         out = net(torch.randn(2, 3, side, side), torch.zeros(2))

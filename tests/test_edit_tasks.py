@@ -158,7 +158,7 @@ def test_runs_with_clip_denoised_clamp_f_as_sampling_does(runs):
     model = load_model(str(runs / "cm"))
     z = [1000 * np.random.default_rng(i).standard_normal((1, 1, 8, 8), np.float32) for i in (0, 1)]
     assert np.abs(run_task(model, "interpolate", z, EditOptions(frames=2)).after).max() > 1
-    model.config["sampling"]["clip_denoised"] = True
+    model.config.sampling.clip_denoised = True
     assert np.abs(run_task(model, "interpolate", z, EditOptions(frames=2)).after).max() <= 1
 
 

@@ -73,7 +73,7 @@ def test_crash_between_checkpoints_then_resume_is_bit_identical(
     args = [*command(recipe, teacher), "--steps", 30, *SMALL]
     assert cli(*args, "--out", tmp_path / "straight") == 0
 
-    real_save = recipes.save_checkpoint
+    real_save = recipes.common.save_checkpoint
 
     def dies_at_step_12(out, config, state):
         if state.step == 12:  # steps 9..12 are done in memory, the disk holds step 8
@@ -81,7 +81,7 @@ def test_crash_between_checkpoints_then_resume_is_bit_identical(
         real_save(out, config, state)
 
     with monkeypatch.context() as m:
-        m.setattr(recipes, "save_checkpoint", dies_at_step_12)
+        m.setattr(recipes.common, "save_checkpoint", dies_at_step_12)
         with pytest.raises(Crash):
             cli(*args, "--out", tmp_path / "stopped")
     assert json.loads((tmp_path / "stopped" / "state.json").read_text())["step"] == 8
@@ -183,7 +183,7 @@ def test_resume_refuses_other_settings(tmp_path, capsys, change, needle):
     assert cli(*COMMANDS["ict"], "--steps", 4, *SMALL, "--out", out) == 0
     assert cli(*COMMANDS["ict"], "--steps", 8, *SMALL, *change, "--out", out, "--resume") == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert needle in line and "only --steps may change" in line
+    assert needle in line and "only the step count may change" in line
     assert json.loads((out / "state.json").read_text())["step"] == 4  # untouched
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cmkit.batch import Batch
+from cmkit.config import NetworkSpec, RunConfig
 from cmkit.errors import UserError
 from cmkit.losses import (
     ConsistencyLoss,
@@ -18,11 +19,11 @@ from cmkit.losses import (
     make_distance,
 )
 from cmkit.networks.mlp import MLP
+from cmkit.networks.zoo import build_network
 from cmkit.noise import ICTCurriculum
 from cmkit.process import EDMProcess
 from cmkit.runs import (
     atomic_write,
-    build_network,
     load_config,
     load_network,
     restore_state,
@@ -32,10 +33,16 @@ from cmkit.runs import (
 from cmkit.train import TrainState, train
 
 NET = {"type": "mlp", "kwargs": {"dim": 2, "hidden": 32, "depth": 1}}
+SPEC = NetworkSpec(**NET)
 
 
-def config(kind="consistency"):
+def config_dict(kind="consistency", format=2):
+    """A complete config.json value of the given format."""
+    training = {"recipe": "ict", "steps": 20, "options": {"s0": 10, "s1": 1280}}
+    if format == 1:
+        training = {"recipe": "ict", "steps": 20, "s0": 10, "s1": 1280}
     return {
+        "format": format,
         "kind": kind,
         "process": EDMProcess().to_dict(),
         "network": copy.deepcopy(NET),
@@ -45,13 +52,18 @@ def config(kind="consistency"):
             "shape": [2],
             "scaler": {"shift": [0.0, 0.0], "scale": [4.0, 4.0]},
         },
+        "training": training,
     }
+
+
+def config(kind="consistency") -> RunConfig:
+    return RunConfig.from_dict(config_dict(kind))
 
 
 def make_state(seed=0):
     torch.manual_seed(seed)
     proc = EDMProcess()
-    net = build_network(NET)
+    net = build_network(SPEC)
     online = proc.consistency(net)
     target = proc.consistency(copy.deepcopy(net)).requires_grad_(False)
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -98,8 +110,8 @@ def test_save_then_load_network_gives_identical_outputs(tmp_path):
     ):
         cfg, net = load_network(tmp_path, which)
         assert isinstance(net, MLP) and not net.training
-        assert cfg["format"] == 1 and cfg["kind"] == "consistency"
-        assert cfg["network"] == NET
+        assert cfg.kind == "consistency" and cfg.network == SPEC
+        assert json.loads((tmp_path / "config.json").read_text())["format"] == 2
         with torch.no_grad():
             assert torch.equal(net(x, c), module.eval()(x, c))
     # online and ema differ after training, so the test above distinguishes them
@@ -154,12 +166,23 @@ def test_load_config_dir_without_config(tmp_path):
 
 
 def test_load_config_other_format(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({**config(), "format": 2}))
-    with pytest.raises(UserError, match="format 2.*format 1"):
+    (tmp_path / "config.json").write_text(json.dumps({**config_dict(), "format": 3}))
+    with pytest.raises(UserError, match="format 3; this cmkit reads formats 1 and 2"):
         load_config(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(config()))  # no format at all
+    no_format = {k: v for k, v in config_dict().items() if k != "format"}
+    (tmp_path / "config.json").write_text(json.dumps(no_format))
     with pytest.raises(UserError, match="format None"):
         load_config(tmp_path)
+
+
+def test_load_config_reads_format_1(tmp_path):
+    """Runs written by cmkit 0.1 (format 1) load with their options moved under `options`."""
+    save_json(tmp_path / "config.json", config_dict(format=1))
+    old = load_config(tmp_path)
+    assert old.training.steps == 20 and old.training.options["s0"] == 10
+    assert old.training.options["distance"] == "pseudo-huber"  # format 1's None: the default
+    assert old.sampling.num_scales == 1281  # the final N, which format 1 did not store
+    assert RunConfig.from_dict(old.to_dict()) == old
 
 
 def test_load_config_invalid_json(tmp_path):
@@ -172,19 +195,19 @@ def test_load_config_invalid_json(tmp_path):
 
 
 def test_load_config_wrong_kind(tmp_path):
-    save_json(tmp_path / "config.json", {"format": 1, **config("consistency")})
-    assert load_config(tmp_path)["kind"] == "consistency"
-    assert load_config(tmp_path, "consistency")["kind"] == "consistency"
-    with pytest.raises(UserError, match="'consistency' run; expected teacher"):
+    save_json(tmp_path / "config.json", config_dict("consistency"))
+    assert load_config(tmp_path).kind == "consistency"
+    assert load_config(tmp_path, "consistency").kind == "consistency"
+    with pytest.raises(UserError, match="'consistency' run; expected 'teacher'"):
         load_config(tmp_path, "teacher")
-    save_json(tmp_path / "config.json", {"format": 1, **config("diffusion")})
+    save_json(tmp_path / "config.json", config_dict("diffusion"))
     with pytest.raises(UserError, match="'diffusion' run"):
         load_config(tmp_path)
 
 
 def test_build_network_unknown_type():
     with pytest.raises(UserError, match="unknown network type"):
-        build_network({"type": "transformer"})
+        build_network(NetworkSpec("transformer"))
 
 
 # ---------------------------------------------------------------- unsafe or broken weights
@@ -219,9 +242,9 @@ def test_missing_or_mismatched_weights(tmp_path):
     (tmp_path / "ema.safetensors").unlink()
     with pytest.raises(UserError, match="missing weights file"):
         load_network(tmp_path, "ema")
-    cfg = config()
+    cfg = config_dict()
     cfg["network"]["kwargs"]["hidden"] = 16  # architecture no longer matches the weights
-    save_json(tmp_path / "config.json", {"format": 1, **cfg})
+    save_json(tmp_path / "config.json", cfg)
     with pytest.raises(UserError, match="cannot load"):
         load_network(tmp_path, "online")
 

@@ -1,0 +1,5 @@
+import sys
+
+from cmkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,90 @@
+"""The `cmkit` program: the commands' parsers, and errors mapped to one line and an exit code.
+
+User errors print one line on stderr and exit with 2 (an option named by the library is
+shown as its flag); a diverged run exits with 3; Ctrl-C during training saves a checkpoint
+and exits with 130.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from cmkit.cli import sampling, tools, training
+from cmkit.cli.options import Parser, check_numbers, config_defaults, flag
+from cmkit.errors import OptionError, UserError
+from cmkit.runs import save_json
+from cmkit.train import TrainingDiverged, TrainingInterrupted
+
+COMMANDS = {**training.COMMANDS, **sampling.COMMANDS, **tools.COMMANDS}
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="cmkit",
+        description="Consistency models: one-step generators from "
+        "data or from a diffusion teacher.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add_parser, _ in COMMANDS.values():
+        add_parser(sub)
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    if args.config:
+        sub.set_defaults(**config_defaults(sub, args.config))
+        args = parser.parse_args(argv)
+    check_numbers(sub, args)
+    return args
+
+
+def _save_options(args: argparse.Namespace, out: Path) -> None:
+    """options.json: the command's options, rerunnable with `--config` (change --out)."""
+    skip = ("command", "config", "resume")
+    options = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    save_json(out / "options.json", options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse(argv)
+        result = COMMANDS[args.command][1](args)
+        if isinstance(result, Path):
+            _save_options(args, result)
+            print(f"run saved in {result}")
+        return 0
+    except OptionError as err:
+        print(f"cmkit: error: {flag(err.option)} {_one_line(err.problem)}", file=sys.stderr)
+        return 2
+    except UserError as err:
+        print(f"cmkit: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"cmkit: training stopped: {_one_line(err)}", file=sys.stderr)
+        return 3
+    except TrainingInterrupted as err:
+        again = "rerun it" if args.command == "quickstart" else "continue with --resume"
+        print(f"cmkit: {err}; {again}", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"cmkit: error: out of memory ({_one_line(err)[:200]})", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """An allocation too large for the machine, e.g. from --n or --batch-size (torch reports
+    CPU and CUDA allocation failures as RuntimeErrors that say 'allocate')."""
+    return isinstance(err, MemoryError) or "allocate" in str(err)
+
+
+def _one_line(err: Exception | str) -> str:
+    """The message on one line, whatever user text (a file name, a value) it quotes."""
+    return " ".join(str(err).split("\n"))

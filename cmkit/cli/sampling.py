@@ -1,0 +1,170 @@
+"""`cmkit sample`, `eval` and `tune-times`: draw from a run, score it, tune its times."""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from cmkit.cli.options import add_device, check_device, floats, ints, require
+from cmkit.data import run_splits, to_unit
+from cmkit.errors import UserError
+from cmkit.runs import save_json
+from cmkit.solvers import SOLVERS
+
+
+def add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="draw samples from a run (.npy, or .png grid/scatter)")
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="run directory")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--out", help="FILE.npy (user's units) or FILE.png")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="CM: sampling steps (default 1); teacher: grid "
+        "points K (default 18, Heun: 2K−1 evaluations)",
+    )
+    p.add_argument("--times", type=floats, help="CM: intermediate times τ₁ > τ₂ > …")
+    p.add_argument("--solver", choices=SOLVERS, help="teacher (or --ode) solver")
+    p.add_argument("--ode", action="store_true", help="CM: deterministic ODE v = (x − f)/t")
+    p.add_argument("--seed", type=int, default=0)
+    add_device(p)
+
+
+def _reference_or_none(config) -> np.ndarray | None:
+    """Held-out data to draw behind a scatter plot, if the training data is still readable."""
+    try:
+        reference = run_splits(config.data)[1]
+    except UserError:
+        return None
+    return reference if len(reference) else None
+
+
+def sample(args: argparse.Namespace) -> None:
+    from cmkit.generate import generate, load_model
+    from cmkit.plots import save_image_grid, save_scatter
+
+    require(args, "model", "out")
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".png"):
+        raise UserError(f"--out {args.out}: expected a .npy or .png file name")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {args.out}: folder {out.parent} does not exist")
+    model = load_model(args.model, check_device(args.device))
+    x = generate(
+        model,
+        args.n,
+        args.seed,
+        args.steps,
+        args.times,
+        args.solver,
+        args.ode,
+        progress=not args.no_progress,
+    )
+    if out.suffix == ".npy":
+        np.save(out, x)
+    elif x.ndim == 4:
+        save_image_grid(to_unit(model.scaler.to_model(x)), out)
+    elif x.shape[1] == 2:
+        save_scatter(x, out, _reference_or_none(model.config), title=str(args.model))
+    else:
+        raise UserError(f"--out {args.out}: PNG needs images or 2-D points; got {x.shape[1]}-D")
+    print(f"wrote {args.n} samples to {out}")
+
+
+def _add_scoring(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="run directory")
+    p.add_argument(
+        "--data",
+        help="reference data (default: the run's held-out split; tune-times: its training split)",
+    )
+    p.add_argument(
+        "--features",
+        help="image features: digitsnet (default for 1x8x8), pixels (default otherwise), "
+        "inception (needs its weights locally), or a TorchScript file",
+    )
+    p.add_argument("--n", type=int, help="samples per evaluation (default 5000; images 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    add_device(p)
+
+
+def _scoring(args: argparse.Namespace, reference):
+    """The model, its scorer against `reference(model)` data, and the sample count."""
+    from cmkit.evaluate import make_scorer
+    from cmkit.generate import load_model
+
+    require(args, "model")
+    model = load_model(args.model, check_device(args.device))
+    n = args.n or (2000 if len(model.shape) == 3 else 5000)
+    if n < 10:
+        raise UserError(f"--n must be >= 10, got {n}")
+    return model, make_scorer(model, reference(model), args.features), n
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score a run's samples against held-out data at each NFE")
+    _add_scoring(p)
+    p.add_argument(
+        "--nfe",
+        type=ints,
+        help="network evaluations, e.g. 1,2,4 (default: 1,2,4 for a CM; "
+        "1,2,4,8,18,35 with Euler and Heun for a teacher)",
+    )
+    p.add_argument("--json", help="also write the results to this JSON file")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from cmkit.evaluate import evaluate, held_out, markdown_table
+
+    model, scorer, n = _scoring(args, lambda m: held_out(m, args.data))
+    default = [1, 2, 4] if model.kind != "teacher" else [1, 2, 4, 8, 18, 35]
+    rows = evaluate(model, scorer, args.nfe or default, n, args.seed)
+    print(f"{args.model}: {n} samples against {len(scorer.reference)} reference samples")
+    print(markdown_table(rows))
+    if args.json:
+        report = {
+            "model": str(args.model),
+            "kind": model.kind,
+            "reference": args.data or "held-out split",
+            "reference_size": len(scorer.reference),
+            "n": n,
+            "seed": args.seed,
+            "rows": rows,
+        }
+        save_json(Path(args.json), report)
+        print(f"wrote {args.json}")
+
+
+def add_tune_times(sub) -> None:
+    p = sub.add_parser(
+        "tune-times", help="search the intermediate times of multistep sampling; store them"
+    )
+    _add_scoring(p)
+    p.add_argument("--steps", type=int, default=2, help="sampling steps to tune (>= 2)")
+    p.add_argument("--iters", type=int, default=12, help="golden-section iterations per time")
+
+
+def tune_times(args: argparse.Namespace) -> None:
+    from cmkit.data import load_data
+    from cmkit.evaluate import training_split, tune_times
+    from cmkit.runs import store_times
+
+    def reference(model):
+        return load_data(args.data) if args.data else training_split(model)
+
+    model, scorer, n = _scoring(args, reference)
+    if args.iters < 1:
+        raise UserError(f"--iters must be >= 1, got {args.iters}")
+    times, best = tune_times(model, scorer, args.steps, n, args.seed, args.iters)
+    note = {"metric": scorer.primary, "value": best, "n": n, "seed": args.seed}
+    store_times(args.model, args.steps, times, note)
+    shown = ", ".join(f"{t:.4g}" for t in times)
+    print(f"{args.steps}-step times {shown}: {scorer.primary} {best:.4g}; stored in {args.model}")
+
+
+COMMANDS = {
+    "sample": (add_sample, sample),
+    "eval": (add_eval, evaluate),
+    "tune-times": (add_tune_times, tune_times),
+}

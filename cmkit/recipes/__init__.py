@@ -1,0 +1,43 @@
+"""Recipes: one module per way of making a model, each with its own options and defaults.
+
+  teacher   an EDM denoiser or flow-matching velocity field (the baseline, CD's teacher)
+  cd        consistency distillation from a teacher run
+  ct, ict   consistency training from data alone (original and improved)
+
+Each `*_run(run: RunOptions, ...)` trains (or resumes) one run directory and returns it;
+`common` holds the set-up they share. `TRAINING_RECIPES` are those `cmkit train --recipe`
+offers: adding one is a module with an options dataclass and a run function, plus its entry.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cmkit.recipes.cd import CDOptions, distill_run
+from cmkit.recipes.common import RunOptions, defaults_for
+from cmkit.recipes.ct import CTOptions, ct_run
+from cmkit.recipes.ict import ICTOptions, ict_run
+from cmkit.recipes.teacher import TeacherOptions, teacher_run
+
+
+@dataclass(frozen=True)
+class Recipe:
+    options: type
+    run: Callable  # (RunOptions, data_spec, process, options) -> Path
+
+
+TRAINING_RECIPES = {"ct": Recipe(CTOptions, ct_run), "ict": Recipe(ICTOptions, ict_run)}
+
+__all__ = [
+    "CDOptions",
+    "CTOptions",
+    "ICTOptions",
+    "TRAINING_RECIPES",
+    "Recipe",
+    "RunOptions",
+    "TeacherOptions",
+    "ct_run",
+    "defaults_for",
+    "distill_run",
+    "ict_run",
+    "teacher_run",
+]

@@ -1,0 +1,240 @@
+"""What every recipe shares: the run's options, its data, a fresh or resumed state, the fit.
+
+A recipe module (teacher, cd, ct, ict) assembles its loss and config from its own options
+dataclass and calls these; nothing here knows which recipe it serves.
+"""
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmkit import data as datalib
+from cmkit.batch import Batch
+from cmkit.config import DataSection, NetworkSpec, RunConfig, SamplingSection, TrainingSection
+from cmkit.errors import OptionError, UserError
+from cmkit.losses import make_distance
+from cmkit.networks.zoo import build_for_data, default_network
+from cmkit.noise import MAX_SCALES
+from cmkit.process import Process
+from cmkit.runs import finish_checkpoint, load_config, restore_state, save_checkpoint
+from cmkit.train import ON_NONFINITE, TrainState, train
+
+# Defaults sized for 2 CPU cores; their measured results are in BENCHMARKS.md.
+VECTOR_DEFAULTS = {"teacher_steps": 6000, "cm_steps": 6000, "batch_size": 512, "lr": 1e-3}
+IMAGE_DEFAULTS = {"teacher_steps": 4000, "cm_steps": 3000, "batch_size": 64, "lr": 4e-4}
+LR_MAX = torch.finfo(torch.float32).max / 10
+
+
+@dataclass
+class RunOptions:
+    """Options of every training run, whatever the recipe."""
+
+    out: str
+    steps: int | None = None  # None: the default for the data kind
+    batch_size: int | None = None
+    lr: float | None = None
+    ema_rate: float = 0.999
+    seed: int = 0
+    device: str = "cpu"
+    holdout: float = 0.1
+    resume: bool = False
+    checkpoint_every: int = 1000
+    progress: bool = True
+    on_nonfinite: str = "stop"  # or "skip": drop batches with a NaN/inf loss or gradient
+    network: dict = field(default_factory=dict)  # overrides of the default network kwargs
+    backbone: str | None = None  # "builtin" or "diffusers-unet"; None: builtin (cd: teacher's)
+
+
+def defaults_for(shape: tuple[int, ...]) -> dict:
+    return VECTOR_DEFAULTS if len(shape) == 1 else IMAGE_DEFAULTS
+
+
+def check_positive(**values) -> None:
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise OptionError(name, f"must be > 0, got {value}")
+
+
+def check_grad_clip(grad_clip: float | None) -> None:
+    if grad_clip is not None and not (grad_clip > 0 and math.isfinite(grad_clip)):
+        raise OptionError("grad_clip", f"must be a finite number > 0 or none, got {grad_clip}")
+
+
+def check_scales(s0: int, s1: int, s0_min: int) -> None:
+    """A curriculum's N(0) and N(K) from s₀ and s₁ must make grids of 2..MAX_SCALES points."""
+    if not s0_min <= s0 <= s1 < MAX_SCALES:
+        raise UserError(
+            f"need {s0_min} <= s0 <= s1 < {MAX_SCALES} so that 2 <= N <= {MAX_SCALES}, "
+            f"got s0={s0}, s1={s1}"
+        )
+
+
+def distance_for(name: str, shape: tuple[int, ...]):
+    try:
+        return make_distance(name, int(np.prod(shape)))
+    except ValueError as err:
+        raise OptionError("distance", str(err).removeprefix("unknown distance ")) from None
+
+
+def load_training_data(spec: str, holdout: float, sigma_data: float) -> tuple[Batch, DataSection]:
+    """Training split in model units (vectors scaled to std σ_data), and its config section."""
+    path = Path(spec)
+    spec = str(path.resolve()) if path.exists() else spec
+    train_x, _ = datalib.split_holdout(datalib.load_data(spec), holdout)
+    scaler = datalib.Scaler.fit(train_x, sigma_data)
+    section = DataSection(spec, holdout, tuple(train_x.shape[1:]), scaler)
+    return Batch(torch.from_numpy(scaler.to_model(train_x))), section
+
+
+def run_data(section: DataSection) -> Batch:
+    """The training split of a run's data section in model units (a student reads its
+    teacher's data exactly as the teacher did)."""
+    train_x, _ = datalib.run_splits(section)
+    return Batch(torch.from_numpy(section.scaler.to_model(train_x)))
+
+
+def from_data(
+    run: RunOptions, spec: str, process: Process
+) -> tuple[Batch, DataSection, NetworkSpec, nn.Module]:
+    """Seeded start of a run trained on data: training split, data section, network spec, net."""
+    torch.manual_seed(run.seed)
+    data, section = load_training_data(spec, run.holdout, process.sigma_data)
+    net_spec = default_network(section.shape, run.network, run.backbone or "builtin")
+    return data, section, net_spec, build_for_data(net_spec, section.shape)
+
+
+def training_section(run: RunOptions, shape, steps_key: str, recipe: str, options: dict):
+    """The loop's settings (the data kind's defaults where not given) and the recipe's options."""
+    defaults = defaults_for(tuple(shape))
+    section = TrainingSection(
+        recipe=recipe,
+        steps=defaults[steps_key] if run.steps is None else run.steps,
+        batch_size=defaults["batch_size"] if run.batch_size is None else run.batch_size,
+        lr=defaults["lr"] if run.lr is None else run.lr,
+        ema_rate=run.ema_rate,
+        seed=run.seed,
+        options=options,
+    )
+    check_positive(
+        steps=section.steps,
+        batch_size=section.batch_size,
+        lr=section.lr,
+        checkpoint_every=run.checkpoint_every,
+    )
+    if not section.lr < LR_MAX:
+        raise OptionError(
+            "lr",
+            f"must be below {LR_MAX:.3g}, got {section.lr}: Adam's first step moves weights "
+            "by up to 10·lr, which must fit in float32",
+        )
+    if not 0 <= run.ema_rate < 1:
+        raise OptionError("ema_rate", f"must be in [0, 1), got {run.ema_rate}")
+    if run.on_nonfinite not in ON_NONFINITE:
+        raise OptionError("on_nonfinite", f"must be 'stop' or 'skip', got {run.on_nonfinite!r}")
+    return section
+
+
+def train_from_data(
+    run: RunOptions, data_spec: str, process: Process, recipe: str, opts, make_loss
+):
+    """A consistency model trained on data alone (CT, iCT): `make_loss(opts, process, steps,
+    shape)` gives the recipe's loss and curriculum; the EMA target θ⁻ follows μ(k)."""
+    data, section, net_spec, net = from_data(run, data_spec, process)
+    training = training_section(run, section.shape, "cm_steps", recipe, asdict(opts))
+    loss, schedule = make_loss(opts, process, training.steps, section.shape)
+    sampling = SamplingSection(num_scales=schedule.scales(training.steps))
+    config = RunConfig("consistency", process, net_spec, section, training, sampling)
+    online, target = process.consistency(net), process.consistency(copy.deepcopy(net))
+    state = start(run, config, online, target, net)
+    return fit(run, config, state, data, loss, opts.grad_clip, schedule.target_mu)
+
+
+def start(run: RunOptions, config: RunConfig, online, target, net) -> TrainState:
+    """Fresh state (or the saved one with resume) on the requested device."""
+    device = torch.device(run.device)
+    online.to(device)
+    if target is not None:
+        target.to(device).requires_grad_(False)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    optimizer = torch.optim.Adam(online.parameters(), lr=config.training.lr)
+    state = TrainState(online, optimizer, torch.Generator().manual_seed(run.seed), ema, target)
+    out = _prepare_out(Path(run.out))
+    if run.resume:
+        _check_same_run(out, load_config(out, config.kind), config)
+        restore_state(out, state)
+    elif (out / "config.json").exists():
+        raise UserError(f"{out} already holds a run; resume it or choose another run directory")
+    return state
+
+
+def _prepare_out(out: Path) -> Path:
+    """Create the run directory now (not at the first checkpoint) and finish any checkpoint
+    a crash left committed but not yet renamed."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OptionError("out", f"{out} cannot be a run directory: {err.strerror}") from None
+    finish_checkpoint(out)
+    return out
+
+
+def _check_same_run(out: Path, saved: RunConfig, config: RunConfig) -> None:
+    """Resume continues the run it finds: everything but the step count must match.
+
+    The sampling section is not compared: tuned times belong to the weights they were tuned
+    on, so the checkpoints to come drop them (see runs.store_times); the final N follows the
+    new step count."""
+    old, new = saved.to_dict(), json.loads(json.dumps(config.to_dict()))
+    new["training"]["steps"] = old["training"]["steps"]
+    new["sampling"] = old["sampling"]
+    changed = list(_differences(old, new))
+    if changed:
+        raise UserError(
+            f"resume: {out} was trained with other settings ({'; '.join(changed[:3])}); "
+            "only the step count may change when resuming"
+        )
+
+
+def _differences(old, new, path: str = ""):
+    """'key: old -> new' for every leaf where two JSON values differ (a recipe's options
+    last: a change of recipe says more than the options that come with it)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() | new.keys(), key=lambda k: (k == "options", k)):
+            yield from _differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+    elif old != new:
+        yield f"{path}: {old!r} -> {new!r}"
+
+
+def fit(
+    run: RunOptions,
+    config: RunConfig,
+    state: TrainState,
+    data: Batch,
+    loss_fn,
+    grad_clip: float | None,
+    target_mu=lambda step: 0.0,
+) -> Path:
+    """Train to the configured step count, checkpointing into the run directory; grad_clip
+    None trains unclipped."""
+    out = Path(run.out)
+    train(
+        state,
+        loss_fn,
+        data.to(run.device),
+        config.training.steps,
+        config.training.batch_size,
+        run.ema_rate,
+        target_mu=target_mu,
+        grad_clip=math.inf if grad_clip is None else grad_clip,
+        checkpoint=lambda s: save_checkpoint(out, config, s),
+        checkpoint_every=run.checkpoint_every,
+        progress=run.progress,
+        on_nonfinite=run.on_nonfinite,
+    )
+    return out
