@@ -13,6 +13,7 @@ from torch import nn
 
 from cmkit.noise import lognormal_indices, uniform_indices
 from cmkit.param import EDMDenoiser, FlowParam, batch_column
+from cmkit.rng import device_rng_state, set_device_rng_state
 from cmkit.solvers import SOLVER_STEPS, Denoiser
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,17 +97,6 @@ class UnbiasedEstimate:
         return self.perturb(x0, t_lo, z)
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
 @dataclass
 class ConsistencyLoss:
     """λ(t_n)·d(f_θ(x_{n+1}, t_{n+1}), f_θ⁻(x̂_n, t_n)) over pairs of an ascending grid.
@@ -143,10 +133,10 @@ class ConsistencyLoss:
         z = torch.randn(x0.shape, generator=generator).to(x0)
         x_hi = self.process.perturb(x0, t_hi, z)
         x_lo = self.lower_point(x0, x_hi, z, t_hi, t_lo)
-        state = _rng_state(x0.device)  # the target pass must see the online pass's dropout masks
+        state = device_rng_state(x0.device)  # the target pass must see the same dropout masks
         pred = f_online(x_hi, t_hi)
         with torch.no_grad():
-            _set_rng_state(state, x0.device)
+            set_device_rng_state(state, x0.device)
             target = f_target(x_lo, t_lo)
         weight = 1.0 / (t_hi - t_lo) if self.weighting == "ict" else torch.ones_like(t_hi)
         return (weight * self.distance(pred, target)).mean()

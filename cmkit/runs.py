@@ -4,7 +4,8 @@ A run directory holds everything needed to rebuild the model and its sampler wit
 unpickling code:
   config.json           what was trained, on what data (and its scaling), with which options
   online/target/ema.safetensors   the plain network's weights
-  trainer.safetensors   optimiser tensors and RNG states, for --resume
+  trainer.safetensors   optimiser tensors and RNG states (CPU, and the training device's), for
+                        --resume
   state.json            step, loss curve, optimiser hyper-parameters
 
 A checkpoint is several files that must agree, so it is written like a journal: every file
@@ -28,6 +29,7 @@ from cmkit.errors import UserError
 from cmkit.networks.diffusers_unet import DiffusersUNet
 from cmkit.networks.mlp import MLP
 from cmkit.networks.unet import UNet
+from cmkit.rng import device_rng_state, set_device_rng_state
 from cmkit.train import TrainState
 
 FORMAT = 1
@@ -116,7 +118,15 @@ def _trainer_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     }
     tensors["generator"] = state.generator.get_state()
     tensors["torch_rng"] = torch.get_rng_state()
+    if state.device.type != "cpu":  # dropout masks on a GPU come from the GPU's own RNG
+        tensors[_device_rng_key(state.device)] = device_rng_state(state.device)
     return tensors
+
+
+def _device_rng_key(device: torch.device) -> str:
+    """Named by device type, so that a run resumed on another kind of device is not handed a
+    state its RNG cannot take (cuda and mps states differ)."""
+    return f"device_rng.{device.type}"
 
 
 def save_checkpoint(run_dir: Path, config: dict, state: TrainState) -> None:
@@ -243,6 +253,9 @@ def restore_state(run_dir: Path, state: TrainState) -> None:
         state.optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
         state.generator.set_state(tensors["generator"])
         torch.set_rng_state(tensors["torch_rng"])
+        # absent from CPU runs, from runs saved on another device type and from older runs
+        if _device_rng_key(state.device) in tensors:
+            set_device_rng_state(tensors[_device_rng_key(state.device)], state.device)
         state.step, state.losses, state.seconds = meta["step"], meta["losses"], meta["seconds"]
         # runs saved before the loss buffer and skip count were recorded resume with empty ones
         state.running, state.skipped = meta.get("running", []), meta.get("skipped", 0)

@@ -46,6 +46,11 @@ class TrainState:
     skipped: int = 0  # batches skipped for a non-finite loss or gradient
     seconds: float = 0.0  # wall time spent in train()
 
+    @property
+    def device(self) -> torch.device:
+        """Where training runs: the device of the online weights."""
+        return next(self.online.parameters()).device
+
 
 @torch.no_grad()
 def ema_update(average: nn.Module, current: nn.Module, decay: float) -> None:
@@ -144,7 +149,7 @@ def train(
     """
     if on_nonfinite not in ON_NONFINITE:
         raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
-    device = next(state.online.parameters()).device
+    device = state.device
     saved = state.step if checkpoint is not None and state.step > 0 else None
     bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="training")
     started, seconds_before = time.perf_counter(), state.seconds
