@@ -2,8 +2,8 @@
 
 Every command takes `--config FILE` (TOML or JSON whose keys are the long flag names, with
 dashes or underscores); flags on the command line win over the file. User errors print one
-line on stderr and exit with code 2; a diverged run exits with 3; Ctrl-C during training
-saves a checkpoint and exits with 130.
+line on stderr and exit with code 2; a diverged run exits with 3; Ctrl-C or SIGTERM during
+training saves a checkpoint and exits with 130 or 143.
 """
 
 import argparse
@@ -641,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as err:
         again = "rerun it" if args.command == "quickstart" else "continue with --resume"
         print(f"cmkit: {err}; {again}", file=sys.stderr)
-        return 130
+        return 128 + err.signal  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except (MemoryError, RuntimeError) as err:
         if not _out_of_memory(err):
             raise

@@ -2,7 +2,8 @@
 
 A loss is any callable `loss_fn(online, target, x0, step, generator) -> scalar`; the loop owns
 batching, the optimiser step, the target network (θ⁻ ← μθ⁻ + (1−μ)θ), the EMA used for
-sampling, logging, checkpoint ticks, the NaN/inf guard and a graceful Ctrl-C.
+sampling, logging, checkpoint ticks, the NaN/inf guard and a graceful stop on Ctrl-C or
+SIGTERM.
 """
 
 import math
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 from cmkit.errors import UserError
 
 ON_NONFINITE = ("stop", "skip")
+# Ctrl-C, and what `kill`, a scheduler's preemption or a container stop sends
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingDiverged(RuntimeError):
@@ -28,7 +31,12 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped training between two steps, after saving a checkpoint."""
+    """A stop signal (SIGINT or SIGTERM) stopped training between two steps, after saving a
+    checkpoint; `signal` says which, so the CLI can exit with 128 + its number."""
+
+    def __init__(self, message: str, signum: signal.Signals) -> None:
+        super().__init__(message)
+        self.signal = signum
 
 
 @dataclass
@@ -92,30 +100,42 @@ def optimiser_step(
     return value, None
 
 
-@contextmanager
-def stop_on_sigint() -> Iterator[threading.Event]:
-    """An event set by Ctrl-C, so the loop can save and stop between steps.
+@dataclass
+class StopRequest:
+    """The first stop signal received, if any, so the loop can save and stop between steps."""
 
-    A second Ctrl-C gets the previous handler back (an immediate KeyboardInterrupt; the
-    checkpoint files stay consistent because they are committed together). Nothing is
-    installed outside the main thread or where SIGINT is ignored.
+    received: signal.Signals | None = None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """A StopRequest filled in by the first of the STOP_SIGNALS to arrive.
+
+    That signal gets the previous handlers of all of them back, so a second one acts at once
+    (Ctrl-C: a KeyboardInterrupt; SIGTERM: the process ends), and the last committed
+    checkpoint stays valid because its files are committed together. Nothing is installed
+    outside the main thread, nor for a signal that is ignored (nohup, background jobs).
     """
-    stop = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
-    main_thread = threading.current_thread() is threading.main_thread()
-    if not main_thread or previous in (signal.SIG_IGN, None):  # None: set outside Python
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
         yield stop
         return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    # None: a handler installed outside Python, which could not be put back
+    handled = [s for s, h in previous.items() if h not in (signal.SIG_IGN, None)]
 
     def request_stop(signum, frame) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, previous)
+        stop.received = signal.Signals(signum)
+        for s in handled:
+            signal.signal(s, previous[s])
 
-    signal.signal(signal.SIGINT, request_stop)
+    for s in handled:
+        signal.signal(s, request_stop)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s in handled:
+            signal.signal(s, previous[s])
 
 
 def _kept(saved: int | None) -> str:
@@ -143,7 +163,7 @@ def train(
 
     on_nonfinite: "stop" raises TrainingDiverged at the first NaN/inf loss or gradient;
     "skip" drops that batch (no optimiser, target or EMA update) and counts it in
-    state.skipped. Ctrl-C saves a checkpoint at the current step and raises
+    state.skipped. SIGINT or SIGTERM saves a checkpoint at the current step and raises
     TrainingInterrupted. With the same state, data and seed, every step is reproducible, so
     a run resumed from any checkpoint ends bit-identical to one that never stopped.
     """
@@ -153,7 +173,7 @@ def train(
     saved = state.step if checkpoint is not None and state.step > 0 else None
     bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="training")
     started, seconds_before = time.perf_counter(), state.seconds
-    with bar, stop_on_sigint() as stop:
+    with bar, stop_on_signals() as stop:
         while state.step < steps:
             # data: sampling with replacement from the CPU generator keeps runs reproducible
             idx = torch.randint(0, data.shape[0], (batch_size,), generator=state.generator)
@@ -173,7 +193,11 @@ def train(
             state.step += 1
             _log(state, bar, state.step % log_every == 0 or state.step == steps)
             state.seconds = seconds_before + time.perf_counter() - started
-            due = state.step % checkpoint_every == 0 or state.step == steps or stop.is_set()
+            due = (
+                state.step % checkpoint_every == 0
+                or state.step == steps
+                or stop.received is not None
+            )
             if checkpoint is not None and due:
                 if not weights_finite(state):
                     raise TrainingDiverged(
@@ -181,9 +205,12 @@ def train(
                     )
                 checkpoint(state)
                 saved = state.step
-            if stop.is_set():
+            if stop.received is not None:
                 done = "saved a checkpoint" if saved == state.step else "saved nothing"
-                raise TrainingInterrupted(f"interrupted after step {state.step} and {done}")
+                raise TrainingInterrupted(
+                    f"interrupted by {stop.received.name} after step {state.step} and {done}",
+                    stop.received,
+                )
     return state
 
 
