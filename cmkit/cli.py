@@ -89,6 +89,9 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument(
+        "--checkpoint-minutes", type=float, default=10.0, help="also checkpoint this often"
+    )
+    p.add_argument(
         "--on-nonfinite",
         default="stop",
         choices=ON_NONFINITE,
@@ -424,6 +427,7 @@ def _common(args: argparse.Namespace) -> recipes.Common:
         holdout=args.holdout,
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes,
         progress=not args.no_progress,
         on_nonfinite=args.on_nonfinite,
         network=getattr(args, "network", {}),

@@ -58,6 +58,7 @@ class Common:
     holdout: float = 0.1
     resume: bool = False
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 10.0  # also checkpoint after this much wall time
     progress: bool = True
     on_nonfinite: str = "stop"  # or "skip": drop batches with a NaN/inf loss or gradient
     network: dict = field(default_factory=dict)  # overrides of the default network kwargs
@@ -247,6 +248,7 @@ def _fit(common: Common, config: dict, state: TrainState, data, loss_fn, target_
         target_mu=target_mu,
         checkpoint=lambda s: save_checkpoint(out, config, s),
         checkpoint_every=common.checkpoint_every,
+        checkpoint_seconds=60 * common.checkpoint_minutes,
         progress=common.progress,
         on_nonfinite=common.on_nonfinite,
     )
@@ -268,6 +270,7 @@ def _training_section(common: Common, shape, steps_key: str, **extra) -> dict:
         batch_size=section["batch_size"],
         lr=section["lr"],
         checkpoint_every=common.checkpoint_every,
+        checkpoint_minutes=common.checkpoint_minutes,
     )
     if not section["lr"] < LR_MAX:
         raise UserError(

@@ -2,8 +2,8 @@
 
 A loss is any callable `loss_fn(online, target, x0, step, generator) -> scalar`; the loop owns
 batching, the optimiser step, the target network (θ⁻ ← μθ⁻ + (1−μ)θ), the EMA used for
-sampling, logging, checkpoint ticks, the NaN/inf guard and a graceful stop on Ctrl-C or
-SIGTERM.
+sampling, logging, checkpoints by steps and by wall time, the NaN/inf guard and a graceful
+stop on Ctrl-C or SIGTERM.
 """
 
 import math
@@ -155,12 +155,17 @@ def train(
     grad_clip: float = 1.0,
     checkpoint: Callable[[TrainState], None] | None = None,
     checkpoint_every: int = 1000,
+    checkpoint_seconds: float = 600.0,
     progress: bool = True,
     log_every: int = 50,
     on_nonfinite: str = "stop",
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainState:
     """Run `steps` optimiser steps from `state.step`; `data` is in model units on the device.
 
+    A checkpoint is written every `checkpoint_every` steps and whenever `checkpoint_seconds`
+    of `clock` time have passed since the last one, so a slow run killed without warning
+    loses minutes, not hours; when they are written changes no result.
     on_nonfinite: "stop" raises TrainingDiverged at the first NaN/inf loss or gradient;
     "skip" drops that batch (no optimiser, target or EMA update) and counts it in
     state.skipped. SIGINT or SIGTERM saves a checkpoint at the current step and raises
@@ -173,6 +178,7 @@ def train(
     saved = state.step if checkpoint is not None and state.step > 0 else None
     bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="training")
     started, seconds_before = time.perf_counter(), state.seconds
+    last_saved = clock()
     with bar, stop_on_signals() as stop:
         while state.step < steps:
             # data: sampling with replacement from the CPU generator keeps runs reproducible
@@ -197,6 +203,7 @@ def train(
                 state.step % checkpoint_every == 0
                 or state.step == steps
                 or stop.received is not None
+                or clock() - last_saved >= checkpoint_seconds
             )
             if checkpoint is not None and due:
                 if not weights_finite(state):
@@ -204,7 +211,7 @@ def train(
                         f"the weights are not finite after step {state.step}; {_kept(saved)}"
                     )
                 checkpoint(state)
-                saved = state.step
+                saved, last_saved = state.step, clock()
             if stop.received is not None:
                 done = "saved a checkpoint" if saved == state.step else "saved nothing"
                 raise TrainingInterrupted(

@@ -1,5 +1,5 @@
-"""The training loop: the NaN/inf guard, skipped batches, Ctrl-C and SIGTERM, and
-reproducible curves."""
+"""The training loop: the NaN/inf guard, skipped batches, Ctrl-C and SIGTERM, checkpoints by
+wall time and reproducible curves."""
 
 import copy
 import signal
@@ -193,6 +193,29 @@ def test_an_ignored_signal_stays_ignored_and_the_other_still_stops(signal_handle
     assert info.value.signal == signal.SIGTERM and [s for s, _, _ in saved] == [3]
     assert handlers == [signal.SIG_IGN] * 3
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_checkpoints_by_wall_time():
+    """Each step takes 7 s of a fake clock: with checkpoint_seconds=20 a checkpoint follows
+    every third step (21 s after the last), besides the step-count ones and the last step."""
+    now = [0.0]
+
+    def seven_seconds(f, target, x0, step, generator):
+        now[0] += 7.0
+        return edm_loss(f, x0, generator)
+
+    saved, checkpoint = snapshots()
+    run(
+        make_state(),
+        seven_seconds,
+        steps=10,
+        checkpoint=checkpoint,
+        checkpoint_every=8,
+        checkpoint_seconds=20.0,
+        clock=lambda: now[0],
+    )
+    # 3 and 6 by time; 8 by steps, which restarts the wait (so not 9); 10, the last step
+    assert [s for s, _, _ in saved] == [3, 6, 8, 10]
 
 
 def test_same_seed_same_curve_and_weights_other_seed_differs():
