@@ -39,6 +39,7 @@ from cmkit.runs import (
     load_config,
     load_network,
     restore_state,
+    resumable,
     save_checkpoint,
 )
 from cmkit.train import TrainState, train
@@ -192,7 +193,7 @@ def _start(common: Common, config: dict, online, target, net) -> TrainState:
     optimizer = torch.optim.Adam(online.parameters(), lr=config["training"]["lr"])
     state = TrainState(online, optimizer, torch.Generator().manual_seed(common.seed), ema, target)
     out = _prepare_out(Path(common.out))
-    if common.resume:
+    if common.resume and resumable(out):
         _check_same_run(out, load_config(out, config["kind"]), config)
         restore_state(out, state)
     elif (out / "config.json").exists():

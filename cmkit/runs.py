@@ -18,6 +18,7 @@ consistent set of files.
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -191,6 +192,16 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for bad headers
         raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
+
+
+def resumable(run_dir: Path) -> bool:
+    """--resume: False, after a notice on stderr, for a run killed before its first checkpoint
+    (no checkpoint file at all, maybe an options.json), so that the same command, resume
+    included, starts it; True otherwise, and load_config then checks what is there."""
+    if any((run_dir / name).exists() for name in CHECKPOINT_FILES):
+        return True
+    print(f"cmkit: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
+    return False
 
 
 def load_config(run_dir: str | Path, kind: str | None = None) -> dict:

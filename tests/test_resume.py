@@ -1,6 +1,6 @@
 """Runs that stop (SIGKILL, Ctrl-C, SIGTERM, a crash between checkpoints) and resume end
 bit-identical to runs that never stopped; a diverging run exits with 3; resume refuses a
-different run."""
+different run and starts one killed before its first checkpoint."""
 
 import json
 import os
@@ -220,3 +220,27 @@ def test_same_seed_same_curve_and_samples(tmp_path):
     assert curve[0] == curve[1] != curve[2]
     a, b, c = (np.load(tmp_path / f"{n}.npy") for n in "abc")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "left", [[], ["options.json"], ["online.safetensors.tmp"]], ids=["empty", "options", "staged"]
+)
+def test_resume_before_the_first_checkpoint_starts_the_run(tmp_path, capsys, left):
+    """A run killed before its first checkpoint leaves its directory, maybe an options.json
+    and staged files without a commit: the same command with --resume starts it afresh."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    for name in left:
+        (out / name).write_text("{}")
+    args = [*COMMANDS["ict"], "--steps", 4, *SMALL]
+    assert cli(*args, "--out", out, "--resume") == 0
+    notice = f"cmkit: {out} has no checkpoint yet; starting from step 0"
+    assert capsys.readouterr().err.strip().splitlines() == [notice]
+    assert cli(*args, "--out", tmp_path / "straight") == 0
+    assert_identical(tmp_path / "straight", out)
+
+
+def test_resume_still_refuses_checkpoint_files_without_config(tmp_path, capsys):
+    (tmp_path / "ema.safetensors").write_bytes(b"")
+    assert cli(*COMMANDS["ict"], "--steps", 4, *SMALL, "--out", tmp_path, "--resume") == 2
+    assert "is not a cmkit run directory (no config.json)" in capsys.readouterr().err
