@@ -89,7 +89,10 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument(
-        "--checkpoint-minutes", type=float, default=10.0, help="also checkpoint this often"
+        "--checkpoint-minutes",
+        type=float,
+        default=10.0,
+        help="also checkpoint after this many minutes of wall time",
     )
     p.add_argument(
         "--on-nonfinite",
