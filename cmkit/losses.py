@@ -18,6 +18,7 @@ from torch import nn
 
 from cmkit.batch import Batch, Cond
 from cmkit.noise import EDM_P_MEAN, EDM_P_STD, ICT_P_MEAN, ICT_P_STD, lognormal_index_probs
+from cmkit.rng import device_rng_state, set_device_rng_state
 from cmkit.solvers import SOLVER_STEPS, Denoiser
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -173,17 +174,6 @@ class UnbiasedEstimate:
         return self.perturb(x0, r, z)
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
 @dataclass
 class ConsistencyLoss:
     """λ(t, r)·d(f_θ(x_t, t), f_θ⁻(x_r, r)) over pairs t > r drawn by `pairs`.
@@ -214,9 +204,9 @@ class ConsistencyLoss:
     ) -> torch.Tensor:
         p = self.draw(batch, step, generator)
         device = batch.x0.device
-        state = _rng_state(device)  # the target pass must see the online pass's dropout masks
+        state = device_rng_state(device)  # the target pass must see the same dropout masks
         pred = f_online(p.x_t, p.t, **batch.cond)
         with torch.no_grad():
-            _set_rng_state(state, device)
+            set_device_rng_state(state, device)
             target = f_target(p.x_r, p.r, **batch.cond)
         return (self.weighting(p.t, p.r) * self.distance(pred, target)).mean()

@@ -4,7 +4,8 @@ A run directory holds everything needed to rebuild the model and its sampler wit
 unpickling code:
   config.json           what was trained, on what data (and its scaling), with which options
   online/target/ema.safetensors   the plain network's weights
-  trainer.safetensors   optimiser tensors and RNG states, for --resume
+  trainer.safetensors   optimiser tensors and RNG states (CPU, and the training device's), for
+                        --resume
   state.json            step, loss curve, optimiser hyper-parameters
 
 A checkpoint is several files that must agree, so it is written like a journal: every file
@@ -17,6 +18,7 @@ consistent set of files.
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from torch import nn
 from cmkit.config import RunConfig
 from cmkit.errors import UserError
 from cmkit.networks.zoo import build_network
+from cmkit.rng import device_rng_state, set_device_rng_state
 from cmkit.train import TrainState
 
 COMMIT = "checkpoint.commit"
@@ -97,7 +100,15 @@ def _trainer_tensors(state: TrainState) -> dict[str, torch.Tensor]:
     }
     tensors["generator"] = state.generator.get_state()
     tensors["torch_rng"] = torch.get_rng_state()
+    if state.device.type != "cpu":  # dropout masks on a GPU come from the GPU's own RNG
+        tensors[_device_rng_key(state.device)] = device_rng_state(state.device)
     return tensors
+
+
+def _device_rng_key(device: torch.device) -> str:
+    """Named by device type, so that a run resumed on another kind of device is not handed a
+    state its RNG cannot take (cuda and mps states differ)."""
+    return f"device_rng.{device.type}"
 
 
 def save_checkpoint(run_dir: Path, config: RunConfig, state: TrainState) -> None:
@@ -164,6 +175,16 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
 
 
+def resumable(run_dir: Path) -> bool:
+    """Resume: False, after a notice on stderr, for a run killed before its first checkpoint
+    (no checkpoint file at all, maybe an options.json), so that the same command, resume
+    included, starts it; True otherwise, and load_config then checks what is there."""
+    if any((run_dir / name).exists() for name in CHECKPOINT_FILES):
+        return True
+    print(f"cmkit: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
+    return False
+
+
 def load_config(run_dir: str | Path, kind: str | None = None) -> RunConfig:
     """Read and check a run's config.json; `kind` ("teacher"/"consistency") when one is required."""
     path = Path(run_dir) / "config.json"
@@ -224,6 +245,9 @@ def restore_state(run_dir: Path, state: TrainState) -> None:
         state.optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
         state.generator.set_state(tensors["generator"])
         torch.set_rng_state(tensors["torch_rng"])
+        # absent from CPU runs, from runs saved on another device type and from older runs
+        if _device_rng_key(state.device) in tensors:
+            set_device_rng_state(tensors[_device_rng_key(state.device)], state.device)
         state.step, state.losses, state.seconds = meta["step"], meta["losses"], meta["seconds"]
         # runs saved before the loss buffer and skip count were recorded resume with empty ones
         state.running, state.skipped = meta.get("running", []), meta.get("skipped", 0)

@@ -3,7 +3,8 @@
 A loss is any callable `loss_fn(online, target, batch, step, generator) -> scalar` (see
 cmkit.losses); the loop owns
 batching, the optimiser step, the target network (θ⁻ ← μθ⁻ + (1−μ)θ), the EMA used for
-sampling, logging, checkpoint ticks, the NaN/inf guard and a graceful Ctrl-C.
+sampling, logging, checkpoints by steps and by wall time, the NaN/inf guard and a graceful
+stop on Ctrl-C or SIGTERM.
 """
 
 import math
@@ -23,6 +24,8 @@ from cmkit.batch import Batch
 from cmkit.errors import UserError
 
 ON_NONFINITE = ("stop", "skip")
+# Ctrl-C, and what `kill`, a scheduler's preemption or a container stop sends
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingDiverged(RuntimeError):
@@ -30,7 +33,12 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped training between two steps, after saving a checkpoint."""
+    """A stop signal (SIGINT or SIGTERM) stopped training between two steps, after saving a
+    checkpoint; `signal` says which, so the CLI can exit with 128 + its number."""
+
+    def __init__(self, message: str, signum: signal.Signals) -> None:
+        super().__init__(message)
+        self.signal = signum
 
 
 @dataclass
@@ -47,6 +55,11 @@ class TrainState:
     running: list[float] = field(default_factory=list)  # losses since the last log entry
     skipped: int = 0  # batches skipped for a non-finite loss or gradient
     seconds: float = 0.0  # wall time spent in train()
+
+    @property
+    def device(self) -> torch.device:
+        """Where training runs: the device of the online weights."""
+        return next(self.online.parameters()).device
 
 
 @torch.no_grad()
@@ -89,30 +102,42 @@ def optimiser_step(
     return value, None
 
 
-@contextmanager
-def stop_on_sigint() -> Iterator[threading.Event]:
-    """An event set by Ctrl-C, so the loop can save and stop between steps.
+@dataclass
+class StopRequest:
+    """The first stop signal received, if any, so the loop can save and stop between steps."""
 
-    A second Ctrl-C gets the previous handler back (an immediate KeyboardInterrupt; the
-    checkpoint files stay consistent because they are committed together). Nothing is
-    installed outside the main thread or where SIGINT is ignored.
+    received: signal.Signals | None = None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """A StopRequest filled in by the first of the STOP_SIGNALS to arrive.
+
+    That signal gets the previous handlers of all of them back, so a second one acts at once
+    (Ctrl-C: a KeyboardInterrupt; SIGTERM: the process ends), and the last committed
+    checkpoint stays valid because its files are committed together. Nothing is installed
+    outside the main thread, nor for a signal that is ignored (nohup, background jobs).
     """
-    stop = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
-    main_thread = threading.current_thread() is threading.main_thread()
-    if not main_thread or previous in (signal.SIG_IGN, None):  # None: set outside Python
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
         yield stop
         return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    # None: a handler installed outside Python, which could not be put back
+    handled = [s for s, h in previous.items() if h not in (signal.SIG_IGN, None)]
 
     def request_stop(signum, frame) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, previous)
+        stop.received = signal.Signals(signum)
+        for s in handled:
+            signal.signal(s, previous[s])
 
-    signal.signal(signal.SIGINT, request_stop)
+    for s in handled:
+        signal.signal(s, request_stop)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s in handled:
+            signal.signal(s, previous[s])
 
 
 def _kept(saved: int | None) -> str:
@@ -132,26 +157,32 @@ def train(
     grad_clip: float = 1.0,
     checkpoint: Callable[[TrainState], None] | None = None,
     checkpoint_every: int = 1000,
+    checkpoint_seconds: float = 600.0,
     progress: bool = True,
     log_every: int = 50,
     on_nonfinite: str = "stop",
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainState:
     """Run `steps` optimiser steps from `state.step`; `data` (all training samples and their
     conditioning) is in model units, on the device or on the CPU.
 
+    A checkpoint is written every `checkpoint_every` steps and whenever `checkpoint_seconds`
+    of `clock` time have passed since the last one, so a slow run killed without warning
+    loses minutes, not hours; when they are written changes no result.
     on_nonfinite: "stop" raises TrainingDiverged at the first NaN/inf loss or gradient;
     "skip" drops that batch (no optimiser, target or EMA update) and counts it in
-    state.skipped. Ctrl-C saves a checkpoint at the current step and raises
+    state.skipped. SIGINT or SIGTERM saves a checkpoint at the current step and raises
     TrainingInterrupted. With the same state, data and seed, every step is reproducible, so
     a run resumed from any checkpoint ends bit-identical to one that never stopped.
     """
     if on_nonfinite not in ON_NONFINITE:
         raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
-    device = next(state.online.parameters()).device
+    device = state.device
     saved = state.step if checkpoint is not None and state.step > 0 else None
     bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="training")
     started, seconds_before = time.perf_counter(), state.seconds
-    with bar, stop_on_sigint() as stop:
+    last_saved = clock()
+    with bar, stop_on_signals() as stop:
         while state.step < steps:
             # data: sampling with replacement from the CPU generator keeps runs reproducible
             idx = torch.randint(0, len(data), (batch_size,), generator=state.generator)
@@ -171,17 +202,25 @@ def train(
             state.step += 1
             _log(state, bar, state.step % log_every == 0 or state.step == steps)
             state.seconds = seconds_before + time.perf_counter() - started
-            due = state.step % checkpoint_every == 0 or state.step == steps or stop.is_set()
+            due = (
+                state.step % checkpoint_every == 0
+                or state.step == steps
+                or stop.received is not None
+                or clock() - last_saved >= checkpoint_seconds
+            )
             if checkpoint is not None and due:
                 if not weights_finite(state):
                     raise TrainingDiverged(
                         f"the weights are not finite after step {state.step}; {_kept(saved)}"
                     )
                 checkpoint(state)
-                saved = state.step
-            if stop.is_set():
+                saved, last_saved = state.step, clock()
+            if stop.received is not None:
                 done = "saved a checkpoint" if saved == state.step else "saved nothing"
-                raise TrainingInterrupted(f"interrupted after step {state.step} and {done}")
+                raise TrainingInterrupted(
+                    f"interrupted by {stop.received.name} after step {state.step} and {done}",
+                    stop.received,
+                )
     return state
 
 

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from cmkit import recipes
 from cmkit.cli import main
 
 TINY = ["--steps", "40", "--batch-size", "64", "--no-progress", "--checkpoint-every", "20"]
@@ -281,3 +282,26 @@ def test_options_json_reruns_with_config(runs, tmp_path):
         )
         == 0
     )
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "train", "distill"])
+def test_checkpoint_minutes_also_checkpoints_by_wall_time(runs, tmp_path, monkeypatch, command):
+    """Every training command takes it; a few microseconds means a checkpoint after each step,
+    where --checkpoint-every alone would write only the last one."""
+    steps = []
+    real = recipes.common.save_checkpoint
+    monkeypatch.setattr(
+        recipes.common, "save_checkpoint", lambda out, c, s: (steps.append(s.step), real(out, c, s))
+    )
+    source = ["--teacher", runs / "teacher"] if command == "distill" else ["--data", "moons"]
+    args = [command, *source, "--steps", 3, "--batch-size", 16, "--no-progress"]
+    assert run_cli(*args, "--out", tmp_path / "run", "--checkpoint-minutes", 1e-7) == 0
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.parametrize("minutes", ["0", "-1"])
+def test_checkpoint_minutes_must_be_positive(tmp_path, capsys, minutes):
+    args = ["train", "--data", "moons", "--out", tmp_path / "o", "--checkpoint-minutes", minutes]
+    assert run_cli(*args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f"cmkit: error: --checkpoint-minutes must be > 0, got {float(minutes)}"

@@ -1,5 +1,6 @@
-"""Runs that stop (SIGKILL, Ctrl-C, a crash between checkpoints) and resume end bit-identical to
-runs that never stopped; a diverging run exits with 3; resume refuses a different run."""
+"""Runs that stop (SIGKILL, Ctrl-C, SIGTERM, a crash between checkpoints) and resume end
+bit-identical to runs that never stopped; a diverging run exits with 3; resume refuses a
+different run and starts one killed before its first checkpoint."""
 
 import json
 import os
@@ -89,8 +90,13 @@ def test_crash_between_checkpoints_then_resume_is_bit_identical(
     assert_identical(tmp_path / "straight", tmp_path / "stopped")
 
 
+def _default_signals() -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _start(args: list, tmp_path: Path) -> subprocess.Popen:
-    """The CLI in a subprocess on this checkout, with Ctrl-C handled as in a terminal."""
+    """The CLI in a subprocess on this checkout, with Ctrl-C and SIGTERM as in a terminal."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "cmkit.cli", *map(str, args)],
@@ -99,7 +105,7 @@ def _start(args: list, tmp_path: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         # a shell may start background jobs with SIGINT ignored; a terminal does not
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=_default_signals,
     )
 
 
@@ -126,21 +132,27 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     assert_identical(tmp_path / "straight", tmp_path / "killed")
 
 
-@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT to a subprocess")
-def test_ctrl_c_saves_the_current_step_exits_130_and_resumes_exactly(tmp_path):
-    """A teacher's loss does not depend on the total step count, so stopping a long run at
-    step N and resuming it to N + 6 must equal a run of N + 6 steps."""
+@pytest.mark.skipif(os.name != "posix", reason="sends signals to a subprocess")
+@pytest.mark.parametrize(
+    "signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_stop_signal_saves_the_current_step_exits_128_plus_n_and_resumes_exactly(
+    tmp_path, signum, code
+):
+    """Ctrl-C, or SIGTERM from `kill`, a scheduler or a container stop. A teacher's loss does
+    not depend on the total step count, so stopping a long run at step N and resuming it to
+    N + 6 must equal a run of N + 6 steps."""
     base = [*COMMANDS["teacher"], "--batch-size", "16", "--no-progress"]
     proc = _start([*base, "--steps", 10**6, "--checkpoint-every", 3, "--out", "stopped"], tmp_path)
     _wait_for_checkpoint(proc, tmp_path / "stopped")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == code
     (line,) = err.strip().splitlines()
     done = json.loads((tmp_path / "stopped" / "state.json").read_text())["step"]
-    assert (
-        line
-        == f"cmkit: interrupted after step {done} and saved a checkpoint; continue with --resume"
+    assert line == (
+        f"cmkit: interrupted by {signum.name} after step {done} and saved a checkpoint; "
+        "continue with --resume"
     )
     args = [*base, "--steps", done + 6, "--checkpoint-every", 1000]
     assert cli(*args, "--out", tmp_path / "stopped", "--resume") == 0
@@ -208,3 +220,27 @@ def test_same_seed_same_curve_and_samples(tmp_path):
     assert curve[0] == curve[1] != curve[2]
     a, b, c = (np.load(tmp_path / f"{n}.npy") for n in "abc")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "left", [[], ["options.json"], ["online.safetensors.tmp"]], ids=["empty", "options", "staged"]
+)
+def test_resume_before_the_first_checkpoint_starts_the_run(tmp_path, capsys, left):
+    """A run killed before its first checkpoint leaves its directory, maybe an options.json
+    and staged files without a commit: the same command with --resume starts it afresh."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    for name in left:
+        (out / name).write_text("{}")
+    args = [*COMMANDS["ict"], "--steps", 4, *SMALL]
+    assert cli(*args, "--out", out, "--resume") == 0
+    notice = f"cmkit: {out} has no checkpoint yet; starting from step 0"
+    assert capsys.readouterr().err.strip().splitlines() == [notice]
+    assert cli(*args, "--out", tmp_path / "straight") == 0
+    assert_identical(tmp_path / "straight", out)
+
+
+def test_resume_still_refuses_checkpoint_files_without_config(tmp_path, capsys):
+    (tmp_path / "ema.safetensors").write_bytes(b"")
+    assert cli(*COMMANDS["ict"], "--steps", 4, *SMALL, "--out", tmp_path, "--resume") == 2
+    assert "is not a cmkit run directory (no config.json)" in capsys.readouterr().err

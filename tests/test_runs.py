@@ -26,6 +26,7 @@ from cmkit.runs import (
     atomic_write,
     load_config,
     load_network,
+    read_tensors,
     restore_state,
     save_checkpoint,
     save_json,
@@ -276,6 +277,35 @@ def test_restore_state_round_trip(tmp_path):
     for g_saved, g_loaded in zip(saved["param_groups"], loaded["param_groups"], strict=True):
         assert g_saved["lr"] == g_loaded["lr"] and g_saved["params"] == g_loaded["params"]
         assert tuple(g_saved["betas"]) == tuple(g_loaded["betas"])
+
+
+def _on_fake_cuda(monkeypatch, state: list[int]) -> list[list[int]]:
+    """Pretend training runs on a GPU whose RNG holds `state`; returns the states set on it."""
+    restored = []
+    monkeypatch.setattr(TrainState, "device", property(lambda s: torch.device("cuda")))
+    monkeypatch.setattr(
+        torch.cuda, "get_rng_state", lambda d: torch.tensor(state, dtype=torch.uint8)
+    )
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new, d: restored.append(new.tolist()))
+    return restored
+
+
+def test_checkpoint_keeps_the_training_devices_rng(tmp_path, monkeypatch):
+    """A GPU's RNG (which draws dropout masks there) is saved and restored; checkpoints from
+    CPU runs (and from before it was saved) hold none and resume all the same."""
+    save_checkpoint(tmp_path / "cpu", config(), make_state())
+    with monkeypatch.context() as m:
+        restored = _on_fake_cuda(m, [7, 1, 9])
+        save_checkpoint(tmp_path / "cuda", config(), make_state())
+        restore_state(tmp_path / "cuda", make_state(1))
+        assert restored == [[7, 1, 9]]
+        restore_state(tmp_path / "cpu", make_state(1))
+        assert restored == [[7, 1, 9]]  # nothing to restore, no error
+    saved = read_tensors(tmp_path / "cuda" / "trainer.safetensors")
+    assert saved["device_rng.cuda"].tolist() == [7, 1, 9]
+    assert "device_rng.cuda" not in read_tensors(tmp_path / "cpu" / "trainer.safetensors")
+    restore_state(tmp_path / "cuda", make_state(1))  # resumed on the CPU: the GPU state is unused
+    assert torch.equal(torch.get_rng_state(), saved["torch_rng"])
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -1,4 +1,5 @@
-"""The training loop: the NaN/inf guard, skipped batches, Ctrl-C and reproducible curves."""
+"""The training loop: the NaN/inf guard, skipped batches, Ctrl-C and SIGTERM, checkpoints by
+wall time and reproducible curves."""
 
 import copy
 import signal
@@ -128,34 +129,95 @@ def test_bad_on_nonfinite_value():
         run(make_state(), teacher_loss(), on_nonfinite="ignore")
 
 
-def test_ctrl_c_saves_the_current_step_then_stops():
+SIGNALS = [signal.SIGINT, signal.SIGTERM]
+STOP_SIGNALS = pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+
+
+def _handlers() -> dict:
+    return {s: signal.getsignal(s) for s in SIGNALS}
+
+
+@STOP_SIGNALS
+def test_a_stop_signal_saves_the_current_step_then_stops(signal_handlers, signum):
     saved, checkpoint = snapshots()
 
     def interrupt_at_4(f, target, x0, step, generator):
         if step == 4:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return edm_loss(f, None, x0, step, generator)
 
-    state = make_state()
-    with pytest.raises(TrainingInterrupted, match="after step 5 and saved a checkpoint"):
+    state, before = make_state(), _handlers()
+    expected = f"interrupted by {signum.name} after step 5 and saved a checkpoint"
+    with pytest.raises(TrainingInterrupted, match=expected) as info:
         run(state, interrupt_at_4, steps=100, checkpoint=checkpoint, checkpoint_every=1000)
+    assert info.value.signal == signum
     assert state.step == 5 and [s for s, _, _ in saved] == [5]
     assert _same(saved[0][1], _weights(state.online.net))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert _handlers() == before
 
 
-def test_a_second_ctrl_c_interrupts_at_once():
+@STOP_SIGNALS
+@pytest.mark.parametrize("first", SIGNALS, ids=lambda s: s.name)  # ids read first-second
+def test_a_second_stop_signal_interrupts_at_once(signal_handlers, first, signum):
+    """After the first signal (either one) both get their previous handlers back."""
+    handled = []
+
     def interrupt_twice(f, target, x0, step, generator):
         if step == 2:
-            signal.raise_signal(signal.SIGINT)
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(first)
+            handled.append(first)  # training took the first one
+            signal.raise_signal(signum)
         return edm_loss(f, None, x0, step, generator)
 
     saved, checkpoint = snapshots()
-    with pytest.raises(KeyboardInterrupt) as info:
+    before = _handlers()
+    with pytest.raises(signal_handlers[signum]) as info:
         run(make_state(), interrupt_twice, checkpoint=checkpoint)
-    assert not isinstance(info.value, TrainingInterrupted) and saved == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not isinstance(info.value, TrainingInterrupted) and saved == [] and handled == [first]
+    assert _handlers() == before
+
+
+def test_an_ignored_signal_stays_ignored_and_the_other_still_stops(signal_handlers):
+    """Under nohup SIGINT is ignored: training leaves it so, and SIGTERM still saves and stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handlers = []
+
+    def terminate_at_2(f, target, x0, step, generator):
+        handlers.append(signal.getsignal(signal.SIGINT))
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # ignored
+            signal.raise_signal(signal.SIGTERM)
+        return edm_loss(f, None, x0, step, generator)
+
+    saved, checkpoint = snapshots()
+    with pytest.raises(TrainingInterrupted, match="by SIGTERM after step 3") as info:
+        run(make_state(), terminate_at_2, checkpoint=checkpoint)
+    assert info.value.signal == signal.SIGTERM and [s for s, _, _ in saved] == [3]
+    assert handlers == [signal.SIG_IGN] * 3
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_checkpoints_by_wall_time():
+    """Each step takes 7 s of a fake clock: with checkpoint_seconds=20 a checkpoint follows
+    every third step (21 s after the last), besides the step-count ones and the last step."""
+    now = [0.0]
+
+    def seven_seconds(f, target, x0, step, generator):
+        now[0] += 7.0
+        return edm_loss(f, None, x0, step, generator)
+
+    saved, checkpoint = snapshots()
+    run(
+        make_state(),
+        seven_seconds,
+        steps=10,
+        checkpoint=checkpoint,
+        checkpoint_every=8,
+        checkpoint_seconds=20.0,
+        clock=lambda: now[0],
+    )
+    # 3 and 6 by time; 8 by steps, which restarts the wait (so not 9); 10, the last step
+    assert [s for s, _, _ in saved] == [3, 6, 8, 10]
 
 
 def test_same_seed_same_curve_and_weights_other_seed_differs():

@@ -37,11 +37,12 @@ def run_cli(argv: list) -> tuple[int, str]:
 
 
 def assert_clean_failure(code: int, err: str) -> None:
-    """Exit 0, or 2/3 with exactly one 'cmkit: ...' line on stderr."""
+    """Exit 0, or 2/3 with exactly one 'cmkit: ...' line on stderr (after, with a random
+    `resume = true`, the notice that the new --out has no checkpoint to resume)."""
     assert code in (0, 2, 3), (code, err)
     if code:
         assert "Traceback" not in err
-        (line,) = err.strip().splitlines()
+        (line,) = [x for x in err.strip().splitlines() if "has no checkpoint yet" not in x]
         assert line.startswith("cmkit: error: " if code == 2 else "cmkit: training stopped: ")
 
 
@@ -374,6 +375,8 @@ def test_every_command_checks_the_run_directories_it_reads(tmp_path):
             "resume distill": ["distill", "--teacher", teacher, "--out", run, "--resume"],
         }
         for command, argv in commands.items():
+            if name == "empty" and command.startswith("resume"):
+                continue  # a run killed before its first checkpoint: --resume starts it
             code, err = run_cli(argv)
             assert code == 2 and len(err.strip().splitlines()) == 1, (name, command, err)
             assert "Traceback" not in err

@@ -1,8 +1,8 @@
 """The `cmkit` program: the commands' parsers, and errors mapped to one line and an exit code.
 
 User errors print one line on stderr and exit with 2 (an option named by the library is
-shown as its flag); a diverged run exits with 3; Ctrl-C during training saves a checkpoint
-and exits with 130.
+shown as its flag); a diverged run exits with 3; Ctrl-C or SIGTERM during training saves a
+checkpoint and exits with 130 or 143.
 """
 
 import argparse
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as err:
         again = "rerun it" if args.command == "quickstart" else "continue with --resume"
         print(f"cmkit: {err}; {again}", file=sys.stderr)
-        return 130
+        return 128 + err.signal  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except (MemoryError, RuntimeError) as err:
         if not _out_of_memory(err):
             raise

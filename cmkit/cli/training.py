@@ -46,6 +46,12 @@ def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=10.0,
+        help="also checkpoint after this many minutes of wall time",
+    )
+    p.add_argument(
         "--on-nonfinite",
         default="stop",
         choices=ON_NONFINITE,
@@ -92,6 +98,7 @@ def _run_options(args: argparse.Namespace) -> recipes.RunOptions:
         holdout=args.holdout,
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes,
         progress=not args.no_progress,
         on_nonfinite=args.on_nonfinite,
         network=getattr(args, "network", {}),

@@ -22,7 +22,7 @@ from cmkit.losses import make_distance
 from cmkit.networks.zoo import build_for_data, default_network
 from cmkit.noise import MAX_SCALES
 from cmkit.process import Process
-from cmkit.runs import finish_checkpoint, load_config, restore_state, save_checkpoint
+from cmkit.runs import finish_checkpoint, load_config, restore_state, resumable, save_checkpoint
 from cmkit.train import ON_NONFINITE, TrainState, train
 
 # Defaults sized for 2 CPU cores; their measured results are in BENCHMARKS.md.
@@ -45,6 +45,7 @@ class RunOptions:
     holdout: float = 0.1
     resume: bool = False
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 10.0  # also checkpoint after this much wall time
     progress: bool = True
     on_nonfinite: str = "stop"  # or "skip": drop batches with a NaN/inf loss or gradient
     network: dict = field(default_factory=dict)  # overrides of the default network kwargs
@@ -126,6 +127,7 @@ def training_section(run: RunOptions, shape, steps_key: str, recipe: str, option
         batch_size=section.batch_size,
         lr=section.lr,
         checkpoint_every=run.checkpoint_every,
+        checkpoint_minutes=run.checkpoint_minutes,
     )
     if not section.lr < LR_MAX:
         raise OptionError(
@@ -165,7 +167,7 @@ def start(run: RunOptions, config: RunConfig, online, target, net) -> TrainState
     optimizer = torch.optim.Adam(online.parameters(), lr=config.training.lr)
     state = TrainState(online, optimizer, torch.Generator().manual_seed(run.seed), ema, target)
     out = _prepare_out(Path(run.out))
-    if run.resume:
+    if run.resume and resumable(out):
         _check_same_run(out, load_config(out, config.kind), config)
         restore_state(out, state)
     elif (out / "config.json").exists():
@@ -234,6 +236,7 @@ def fit(
         grad_clip=math.inf if grad_clip is None else grad_clip,
         checkpoint=lambda s: save_checkpoint(out, config, s),
         checkpoint_every=run.checkpoint_every,
+        checkpoint_seconds=60 * run.checkpoint_minutes,
         progress=run.progress,
         on_nonfinite=run.on_nonfinite,
     )
