@@ -1,9 +1,35 @@
-"""Shared fixtures."""
+"""Shared helpers and fixtures: the CLI in-process, one set of tiny moons runs, signals.
+
+Test files import the helpers with `from conftest import run_cli, TINY` (pytest puts this
+folder on the path); fixtures reach them by name.
+"""
 
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from cmkit.cli import main
+
+# 40 steps of batch 64 with a checkpoint every 20: seconds per run on 2 CPU cores
+TINY = ["--steps", "40", "--batch-size", "64", "--no-progress", "--checkpoint-every", "20"]
+
+
+def run_cli(*args) -> int:
+    """`cmkit ARGS` in this process; returns the exit code."""
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def moons_runs(tmp_path_factory) -> Path:
+    """A teacher, its CD student and an iCT run on moons, each trained for 40 steps; shared
+    by every test file, so tests copy a run before changing it."""
+    root = tmp_path_factory.mktemp("moons_runs")
+    assert run_cli("train-teacher", "--data", "moons", "--out", root / "teacher", *TINY) == 0
+    assert run_cli("distill", "--teacher", root / "teacher", "--out", root / "cd", *TINY) == 0
+    assert run_cli("train", "--data", "moons", "--out", root / "ict", *TINY) == 0
+    return root
 
 
 class Terminated(Exception):

@@ -6,25 +6,14 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TINY, run_cli
 
 from cmkit import recipes
-from cmkit.cli import main
-
-TINY = ["--steps", "40", "--batch-size", "64", "--no-progress", "--checkpoint-every", "20"]
 
 
-def run_cli(*args: str) -> int:
-    return main([str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A teacher, a distilled model and an iCT model on moons, each trained for 40 steps."""
-    root = tmp_path_factory.mktemp("runs")
-    assert run_cli("train-teacher", "--data", "moons", "--out", root / "teacher", *TINY) == 0
-    assert run_cli("distill", "--teacher", root / "teacher", "--out", root / "cd", *TINY) == 0
-    assert run_cli("train", "--data", "moons", "--out", root / "ict", *TINY) == 0
-    return root
+@pytest.fixture
+def runs(moons_runs):
+    return moons_runs
 
 
 def test_run_directories_hold_config_weights_and_options(runs):

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
-from cmkit.cli import main
 from cmkit.config import RunConfig
 from cmkit.data import Scaler
 from cmkit.errors import UserError
@@ -20,10 +20,6 @@ from cmkit.diffusers_io import pipeline_timesteps  # noqa: E402
 N = 21  # odd: the default two-step τ (middle of a 3-point Karras grid) is grid point 10
 TINY_UNET = '{"block_out_channels": [16, 32]}'
 TINY = ["--steps", "2", "--batch-size", "8", "--no-progress"]
-
-
-def run_cli(*args) -> int:
-    return main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

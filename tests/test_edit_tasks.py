@@ -7,19 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from cmkit import editing
-from cmkit.cli import main
 from cmkit.data import load_data
 from cmkit.edit_tasks import DEFAULT_STEPS, EditOptions, edit_times, run_task
 from cmkit.generate import generate, load_model
 
 TINY = ["--steps", "3", "--batch-size", "8", "--no-progress", "--network", '{"channels": 8}']
-
-
-def run_cli(*args) -> int:
-    return main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
