@@ -163,10 +163,11 @@ def _upgrade_format_1(d: dict, source: str) -> dict:
 def _ct_options_1(recipe: str, old: dict, source: str) -> dict:
     """Format 1's shared CT/iCT option bag as the recipe's own options, defaults filled in."""
     ict = recipe == "ict"
+    curriculum = ICTCurriculum if ict else CTCurriculum  # format 1's defaults were theirs
     options = {
         "distance": old.get("distance") or ("pseudo-huber" if ict else "l2"),
-        "s0": old.get("s0") or (10 if ict else 2),
-        "s1": old.get("s1") or (1280 if ict else 150),
+        "s0": old.get("s0") or curriculum.s0,
+        "s1": old.get("s1") or curriculum.s1,
     }
     weighting = old.get("weighting") or ("ict" if ict else "uniform")
     if ict:
@@ -177,7 +178,7 @@ def _ct_options_1(recipe: str, old: dict, source: str) -> dict:
             f"{source}: a format 1 ct run with pairs {old.get('pairs')!r} and weighting "
             f"{weighting!r} has no format {FORMAT} form (ct uses uniform pairs and λ = 1)"
         )
-    return {**options, "mu0": old.get("mu0", 0.9), "mu_variant": old.get("mu_variant", "paper")}
+    return {**options, "mu0": old.get("mu0", CTCurriculum.mu0), "mu_variant": old.get("mu_variant", "paper")}
 
 
 def _final_scales_1(training: dict) -> int | None:

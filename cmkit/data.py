@@ -15,6 +15,7 @@ from PIL import Image
 from sklearn.datasets import load_digits, make_moons, make_swiss_roll
 
 from cmkit.errors import UserError
+from cmkit.noise import SIGMA_DATA
 
 TOY_SAMPLES = 20000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -260,7 +261,7 @@ class Scaler:
             )
 
     @classmethod
-    def fit(cls, x: np.ndarray, sigma_data: float = 0.5) -> "Scaler":
+    def fit(cls, x: np.ndarray, sigma_data: float = SIGMA_DATA) -> "Scaler":
         """Images (N, C, H, W): global min/max -> [-1, 1]. Vectors (N, D): mean 0, std σ_data."""
         if not sigma_data > 0:
             raise UserError(f"sigma_data must be positive, got {sigma_data}")

@@ -11,12 +11,14 @@ import torch
 
 from cmkit.errors import UserError
 
+# EDM's constants (Karras et al. 2022, Table 1), the defaults wherever a σ range is needed
+SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 MAX_SCALES = 100_000  # far beyond any published N (1280); bounds memory and time per step
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # EDM training: ln σ ~ N(P_mean, P_std²) (Karras et al. 2022)
 ICT_P_MEAN, ICT_P_STD = -1.1, 2.0  # iCT's lognormal over grid pairs (Song & Dhariwal 2023)
 
 
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = RHO) -> torch.Tensor:
     """The Karras grid t_1 < … < t_N, ascending, float64, endpoints exactly σ_min and σ_max.
 
     t_i = (σ_min^{1/ρ} + (i−1)/(N−1)·(σ_max^{1/ρ} − σ_min^{1/ρ}))^ρ.

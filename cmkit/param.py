@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cmkit.noise import SIGMA_DATA, SIGMA_MIN
+
 
 @dataclass(frozen=True)
 class Scalings:
@@ -82,7 +84,9 @@ class ConsistencyFunction(nn.Module):
     Song et al. 2023, eq. (5) with the σ_min-shifted scalings of Appendix C.
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002) -> None:
+    def __init__(
+        self, net: nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN
+    ) -> None:
         super().__init__()
         self.net, self.sigma_data, self.sigma_min = net, sigma_data, sigma_min
 
@@ -95,7 +99,7 @@ class ConsistencyFunction(nn.Module):
 class EDMDenoiser(nn.Module):
     """D(x, σ) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, ln(σ)/4): EDM's preconditioned denoiser."""
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5) -> None:
+    def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA) -> None:
         super().__init__()
         self.net, self.sigma_data = net, sigma_data
 

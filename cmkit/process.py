@@ -22,7 +22,7 @@ from torch import nn
 
 from cmkit.errors import UserError
 from cmkit.losses import EDMLoss, FlowMatchingLoss
-from cmkit.noise import check_grid_args, karras_sigmas
+from cmkit.noise import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, check_grid_args, karras_sigmas
 from cmkit.param import ConsistencyFunction, EDMDenoiser, FlowParam, batch_column
 
 
@@ -30,10 +30,10 @@ from cmkit.param import ConsistencyFunction, EDMDenoiser, FlowParam, batch_colum
 class EDMProcess:
     """Variance-exploding process x_t = x₀ + t·z on t ∈ [σ_min, σ_max] (Karras et al. 2022)."""
 
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    sigma_data: float = 0.5
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+    rho: float = RHO
+    sigma_data: float = SIGMA_DATA
 
     def __post_init__(self) -> None:
         if not 0 < self.sigma_min < self.sigma_max:
@@ -119,7 +119,7 @@ class FlowProcess:
     σ_data only sets the data scaling (vectors to std σ_data); the parameterisation has none.
     """
 
-    sigma_data: float = 0.5
+    sigma_data: float = SIGMA_DATA
 
     def __post_init__(self) -> None:
         if not self.sigma_data > 0:

@@ -173,6 +173,7 @@ def test_distill_rejects_num_scales_below_2_and_consistency_teacher(runs, capsys
     assert "teacher" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_subprocess_error_has_no_traceback(tmp_path):
     proc = subprocess.run(
         [
@@ -192,6 +193,7 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_help_lists_contract_commands():
     proc = subprocess.run(
         [sys.executable, "-m", "cmkit.cli", "--help"], capture_output=True, text=True
@@ -200,6 +202,7 @@ def test_help_lists_contract_commands():
         assert command in proc.stdout
 
 
+@pytest.mark.slow
 def test_quickstart_smoke(tmp_path):
     """The main job end to end at a tiny scale: three runs, the PNG and the report."""
     assert run_cli("quickstart", "--out", tmp_path, "--scale", "0.003", "--no-progress") == 0

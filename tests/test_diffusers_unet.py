@@ -27,6 +27,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_core_modules_do_not_import_diffusers():
     modules = "cli recipes runs generate sampling quickstart diffusers_io networks.diffusers_unet"
     imports = "; ".join(f"import cmkit.{m}" for m in modules.split())
@@ -35,6 +36,7 @@ def test_core_modules_do_not_import_diffusers():
     assert proc.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_missing_diffusers_is_a_one_line_user_error(tmp_path):
     code = (
         "import sys; sys.modules['diffusers'] = None\n"

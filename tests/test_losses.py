@@ -324,6 +324,7 @@ def _toy():
     return data, mixture_denoiser
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["ict", "cd"])
 def test_training_reduces_energy_distance(recipe):
     data, teacher = _toy()

@@ -117,6 +117,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     """The killed process checkpoints every step (which does not change the results), so it is
@@ -132,6 +133,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     assert_identical(tmp_path / "straight", tmp_path / "killed")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="sends signals to a subprocess")
 @pytest.mark.parametrize(
     "signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
