@@ -85,10 +85,6 @@ class RunConfig:
     training: TrainingSection
     sampling: SamplingSection = field(default_factory=SamplingSection)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.data.shape
-
     def to_dict(self) -> dict:
         """The JSON form written as config.json."""
         training = asdict(self.training)
@@ -117,9 +113,9 @@ class RunConfig:
             )
         if d.get("kind") not in KINDS:
             raise UserError(f"{source} is a {d.get('kind')!r} run; expected one of {KINDS}")
-        if d["format"] == 1:
-            d = _upgrade_format_1(d, source)
         try:
+            if d["format"] == 1:
+                d = _upgrade_format_1(d, source)
             data, network = d["data"], d["network"]
             sampling = SamplingSection(**d.get("sampling", {}))
             return cls(
@@ -135,7 +131,9 @@ class RunConfig:
                 training=TrainingSection(**d["training"]),
                 sampling=sampling,
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except UserError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise UserError(f"{source} is not a complete cmkit run config ({err!r})") from None
 
 

@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import run_cli
 
 from cmkit.batch import Batch
 from cmkit.config import NetworkSpec, RunConfig
@@ -425,3 +426,19 @@ def test_damaged_state_json(tmp_path, text, needle):
     (tmp_path / "state.json").write_text(text)
     with pytest.raises(UserError, match=needle):
         restore_state(tmp_path, make_state())
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"format": 0}, "run format 0; this cmkit reads formats 1 and 2"),
+        ({"training": {"recipe": "ct", "pairs": "lognormal", "steps": 5}}, "has no format 2 form"),
+        ({"training": {"recipe": "ect", "steps": 5}}, "unknown recipe 'ect'"),
+        ({"data": None}, "not a complete cmkit run config"),
+    ],
+)
+def test_unreadable_old_configs_are_one_line_and_exit_2(tmp_path, capsys, change, needle):
+    save_json(tmp_path / "config.json", {**config_dict(format=1), **change})
+    code = run_cli("sample", "--model", tmp_path, "--out", tmp_path / "x.npy")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
