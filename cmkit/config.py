@@ -176,7 +176,11 @@ def _ct_options_1(recipe: str, old: dict, source: str) -> dict:
             f"{source}: a format 1 ct run with pairs {old.get('pairs')!r} and weighting "
             f"{weighting!r} has no format {FORMAT} form (ct uses uniform pairs and λ = 1)"
         )
-    return {**options, "mu0": old.get("mu0", CTCurriculum.mu0), "mu_variant": old.get("mu_variant", "paper")}
+    return {
+        **options,
+        "mu0": old.get("mu0", CTCurriculum.mu0),
+        "mu_variant": old.get("mu_variant", "paper"),
+    }
 
 
 def _final_scales_1(training: dict) -> int | None:

@@ -65,7 +65,7 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path, num_scales: int | 
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; pick a new folder")
+        raise OptionError("out", f"{out} exists and is not empty; pick a new folder")
     config = load_config(run_dir)
     check_exportable(run_dir, config)
     sampling = config.sampling

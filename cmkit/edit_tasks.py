@@ -17,7 +17,7 @@ from cmkit import editing
 from cmkit.batch import NO_COND, Cond
 from cmkit.data import IMAGE_SUFFIXES, load_data, load_image, read_array, to_unit
 from cmkit.editing import MASKS, TASKS
-from cmkit.errors import UserError
+from cmkit.errors import OptionError, UserError
 from cmkit.generate import Model, cm_times
 from cmkit.plots import image_grid, save_image_grid
 from cmkit.sampling import clip_denoised, sample_onestep
@@ -85,11 +85,11 @@ def _check_options(task: str, opts: EditOptions) -> None:
     }
     for name, used in uses.items():
         if getattr(opts, name) is not None and not used:
-            raise UserError(f"--{name} does not apply to {task}")
+            raise OptionError(name, f"does not apply to {task}")
     if opts.steps is not None and opts.times is not None:
         raise UserError("give --steps or --times, not both")
     if opts.steps is not None and opts.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {opts.steps}")
+        raise OptionError("steps", f"must be >= 1, got {opts.steps}")
 
 
 def edit_times(model: Model, task: str, opts: EditOptions) -> list[float]:
@@ -166,7 +166,7 @@ def _superres(model: Model, ys, opts, gen, cond):
     channels, h, w = _images_only(model, "superres")
     p = opts.factor
     if p < 1 or h % p or w % p:
-        raise UserError(f"--factor {p} does not divide the model's image size {h}x{w}")
+        raise OptionError("factor", f"{p} does not divide the model's image size {h}x{w}")
     _check_shape(y, (channels, h // p, w // p), f"the low-resolution input (factor {p})")
     return _constrained(model, "superres", opts, gen, cond, editing.superres(y, p))
 
@@ -200,7 +200,7 @@ def _denoise(model: Model, ys, opts, gen, cond):
 
 def _interpolate(model: Model, ys, opts, gen, cond):
     if opts.frames < 2:
-        raise UserError(f"--frames must be >= 2, got {opts.frames}")
+        raise OptionError("frames", f"must be >= 2, got {opts.frames}")
     if not ys:  # one pair from the seed; z_a is the noise of `cmkit sample --n 1 --seed S`
         ys = [torch.randn((1, *model.shape), generator=gen) for _ in range(2)]
     device = next(model.fn.parameters()).device
@@ -238,7 +238,7 @@ def _hole(spec: str, model: Model, shape: torch.Size, gen) -> torch.Tensor:
     else:
         mask = read_array(path)
         if not np.isin(mask, (0, 1)).all():
-            raise UserError(f"--mask {spec}: values must be 0 (keep) or 1 (fill in)")
+            raise OptionError("mask", f"{spec}: values must be 0 (keep) or 1 (fill in)")
     allowed = [tuple(shape[k:]) for k in range(len(shape) - 1, -1, -1)]  # trailing axes
     if len(shape) == 4:
         allowed = allowed[1:]  # (W,) alone is no image mask; (H, W) is
@@ -261,7 +261,7 @@ def read_input(path: str, model: Model, noise: bool = False) -> tuple[np.ndarray
     """
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"--input {path}: no such file")
+        raise OptionError("input", f"{path}: no such file")
     suffix = file.suffix.lower()
     if suffix in ARRAY_SUFFIXES:
         x = load_data(str(file))
@@ -269,7 +269,7 @@ def read_input(path: str, model: Model, noise: bool = False) -> tuple[np.ndarray
     if suffix in IMAGE_SUFFIXES and not noise:
         return load_image(file) / 127.5 - 1, "image"
     expected = ".npy or .npz noise" if noise else ".npy, .npz, .png or .jpg"
-    raise UserError(f"--input {path}: expected a {expected} file")
+    raise OptionError("input", f"{path}: expected a {expected} file")
 
 
 def write_output(path: Path, x: np.ndarray, model: Model, nrow: int | None = None) -> None:
@@ -289,13 +289,13 @@ def edit_files(
     read = [read_input(p, model, noise=task == "interpolate") for p in inputs]
     suffix = out.suffix.lower()
     if suffix not in (".npy", *IMAGE_SUFFIXES):
-        raise UserError(f"--out {out}: expected a .npy, .png or .jpg file name")
+        raise OptionError("out", f"{out}: expected a .npy, .png or .jpg file name")
     out_kind = "array" if suffix == ".npy" else "image"
     if any(kind != out_kind for _, kind in read):
         want = ".png or .jpg" if out_kind == "array" else ".npy"
-        raise UserError(f"--out {out}: the output is the kind of the input; expected {want}")
+        raise OptionError("out", f"{out}: the output is the kind of the input; expected {want}")
     if out_kind == "image" and len(model.shape) != 3:
-        raise UserError(f"--out {out}: image files need an image run; use .npy")
+        raise OptionError("out", f"{out}: image files need an image run; use .npy")
     result = run_task(model, task, [x for x, _ in read], opts)
     write_output(out, result.after, model, opts.frames if task == "interpolate" else None)
     if len(model.shape) != 3:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from cmkit.batch import NO_COND, Cond
-from cmkit.errors import UserError
+from cmkit.errors import OptionError, UserError
 from cmkit.solvers import Denoiser
 
 # ITU-R BT.601 luma weights, the luminance axis of the colour basis (reference §8).
@@ -173,7 +173,7 @@ def superres(y_low: torch.Tensor, p: int) -> Constraint:
     The result has shape (N, C, p·h, p·w) and its p×p average pooling equals y_low.
     """
     if p < 1:
-        raise UserError(f"--factor must be >= 1, got {p}")
+        raise OptionError("factor", f"must be >= 1, got {p}")
     n, c, h, w = y_low.shape
     q = patch_basis(p, y_low.dtype).to(y_low.device)
 

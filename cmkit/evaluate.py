@@ -17,7 +17,7 @@ from torch import nn
 
 from cmkit import data as datalib
 from cmkit.batch import NO_COND, Cond
-from cmkit.errors import UserError
+from cmkit.errors import OptionError, UserError
 from cmkit.features import make_extractor
 from cmkit.generate import Model, generate
 from cmkit.metrics import (
@@ -97,7 +97,7 @@ def make_scorer(model: Model, reference: np.ndarray, features: str | None = None
         reference = reference[np.sort(keep)]
     images = len(model.shape) == 3
     if features is not None and not images:
-        raise UserError("--features applies to image data; vectors are scored directly")
+        raise OptionError("features", "applies to image data; vectors are scored directly")
     extractor = make_extractor(features, model.shape) if images else None
     return Scorer(reference, model.scaler, extractor)
 
@@ -142,7 +142,7 @@ def plans(model: Model, nfes: list[int], solvers: tuple[str, ...] = ("euler", "h
     (and a repeat dropped); each plan reports the NFE it really uses.
     """
     if any(k < 1 for k in nfes):
-        raise UserError(f"--nfe values must be >= 1, got {nfes}")
+        raise OptionError("nfe", f"values must be >= 1, got {nfes}")
     if model.kind != "teacher":
         return [Plan(f"{k} step" + ("s" if k > 1 else ""), k, {"steps": k}) for k in nfes]
     out = []
@@ -207,7 +207,7 @@ def tune_times(
     if model.kind == "teacher":
         raise UserError("tune-times applies to consistency runs; a teacher has no τ to tune")
     if steps < 2:
-        raise UserError(f"--steps must be >= 2 to have an intermediate time, got {steps}")
+        raise OptionError("steps", f"must be >= 2 to have an intermediate time, got {steps}")
     proc = model.process
     times = list(start)
     check_times(proc, times)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from cmkit.errors import UserError
+from cmkit.errors import OptionError, UserError
 
 DIGITSNET_WEIGHTS = Path(__file__).parent / "assets" / "digitsnet.safetensors"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's cache name
@@ -111,7 +111,7 @@ def _inception() -> nn.Module:
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ModuleNotFoundError as err:
-        raise UserError(f"--features inception needs torch-fidelity installed ({err})") from None
+        raise OptionError("features", f"inception needs torch-fidelity installed ({err})") from None
     path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if not path.is_file():
         raise UserError(
@@ -121,7 +121,7 @@ def _inception() -> nn.Module:
     try:
         net = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(path))
     except ModuleNotFoundError as err:
-        raise UserError(f"--features inception needs torch-fidelity installed ({err})") from None
+        raise OptionError("features", f"inception needs torch-fidelity installed ({err})") from None
 
     def to_inception(x: torch.Tensor) -> torch.Tensor:
         rgb = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x

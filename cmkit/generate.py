@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from cmkit.batch import NO_COND, Cond, cond_rows
 from cmkit.config import RunConfig
 from cmkit.data import Scaler
-from cmkit.errors import UserError
+from cmkit.errors import OptionError
 from cmkit.process import Process
 from cmkit.runs import load_network
 from cmkit.sampling import check_times, clip_denoised, sample_multistep, sample_ode
@@ -79,13 +79,13 @@ def generate(
     `cond` holds the conditioning of the n samples (n rows per tensor).
     """
     if n < 1:
-        raise UserError(f"--n must be >= 1, got {n}")
+        raise OptionError("n", f"must be >= 1, got {n}")
     if steps is not None and steps < 1:
-        raise UserError(f"--steps must be >= 1, got {steps}")
+        raise OptionError("steps", f"must be >= 1, got {steps}")
     if solver not in (None, "euler", "heun"):
-        raise UserError(f"--solver must be 'euler' or 'heun', got {solver!r}")
+        raise OptionError("solver", f"must be 'euler' or 'heun', got {solver!r}")
     if times is not None and model.kind == "teacher":
-        raise UserError("--times applies to consistency runs; a teacher takes --steps K")
+        raise OptionError("times", "applies to consistency runs; a teacher takes a step count")
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *model.shape), generator=gen)
     device = next(model.fn.parameters()).device
