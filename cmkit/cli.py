@@ -61,6 +61,19 @@ def _ints(text: str) -> list[int]:
         ) from None
 
 
+def _grad_clip(text: str | float) -> float | str:
+    """A finite number > 0, or "none" (kept a string: options.json drops None, "not given")."""
+    if str(text).lower() in ("none", "off"):
+        return "none"
+    try:
+        value = float(text)
+    except (TypeError, ValueError, OverflowError):
+        value = math.nan
+    if isinstance(text, bool) or not (_finite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'none', got {text!r}")
+    return value
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -93,6 +106,12 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
         default="stop",
         choices=ON_NONFINITE,
         help="a NaN/inf loss or gradient stops training (exit 3) or skips the batch",
+    )
+    p.add_argument(
+        "--grad-clip",
+        type=_grad_clip,
+        default=1.0,
+        help="largest gradient norm of a step (default 1.0), or none/off: no clipping",
     )
     if data:
         p.add_argument(
@@ -333,6 +352,7 @@ def _kind_of(action: argparse.Action) -> str:
         _floats: "a list of numbers",
         _ints: "a list of integers",
         _json_object: "a table",
+        _grad_clip: "a number > 0 or 'none'",
     }
     return names.get(action.type, "a string")
 
@@ -355,6 +375,13 @@ def _valid_option(action: argparse.Action, value) -> bool:
         ok = isinstance(value, list) and all(isinstance(v, int) and _is_number(v) for v in value)
     elif action.type is _json_object:
         ok = isinstance(value, dict)
+    elif action.type is _grad_clip:  # a number or a word, parsed alike
+        try:
+            _grad_clip(value)
+        except argparse.ArgumentTypeError:
+            ok = False
+        else:
+            ok = True
     else:
         ok = isinstance(value, str)
     return ok and (not action.choices or value in action.choices)
@@ -426,6 +453,7 @@ def _common(args: argparse.Namespace) -> recipes.Common:
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
         on_nonfinite=args.on_nonfinite,
+        grad_clip=None if args.grad_clip == "none" else args.grad_clip,
         network=getattr(args, "network", {}),
         backbone=args.backbone,
     )

@@ -60,6 +60,7 @@ class Common:
     checkpoint_every: int = 1000
     progress: bool = True
     on_nonfinite: str = "stop"  # or "skip": drop batches with a NaN/inf loss or gradient
+    grad_clip: float | None = 1.0  # largest gradient norm of a step; None: no clipping
     network: dict = field(default_factory=dict)  # overrides of the default network kwargs
     backbone: str | None = None  # "builtin" or "diffusers-unet"; None: builtin (distill: teacher's)
 
@@ -218,6 +219,7 @@ def _check_same_run(out: Path, saved: dict, config: dict) -> None:
     new = json.loads(json.dumps({"format": FORMAT, **config}))
     new["training"]["steps"] = saved.get("training", {}).get("steps")
     new["sampling"] = saved.get("sampling")
+    saved.get("training", {}).setdefault("grad_clip", 1.0)  # what runs before the option used
     changed = list(_differences(saved, new))
     if changed:
         raise UserError(
@@ -245,6 +247,7 @@ def _fit(common: Common, config: dict, state: TrainState, data, loss_fn, target_
         config["training"]["batch_size"],
         common.ema_rate,
         target_mu=target_mu,
+        grad_clip=common.grad_clip,
         checkpoint=lambda s: save_checkpoint(out, config, s),
         checkpoint_every=common.checkpoint_every,
         progress=common.progress,
@@ -261,6 +264,7 @@ def _training_section(common: Common, shape, steps_key: str, **extra) -> dict:
         "lr": defaults["lr"] if common.lr is None else common.lr,
         "ema_rate": common.ema_rate,
         "seed": common.seed,
+        "grad_clip": common.grad_clip,
         **extra,
     }
     _check_positive(
@@ -268,6 +272,7 @@ def _training_section(common: Common, shape, steps_key: str, **extra) -> dict:
         batch_size=section["batch_size"],
         lr=section["lr"],
         checkpoint_every=common.checkpoint_every,
+        grad_clip=common.grad_clip,
     )
     if not section["lr"] < LR_MAX:
         raise UserError(
