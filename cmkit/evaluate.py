@@ -10,6 +10,7 @@ search) against the training split, so the held-out split stays unseen.
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +35,16 @@ from cmkit.solvers import nfe as count_nfe
 
 MMD_POINTS = 2000  # MMD and precision/recall cost O(n²) memory: score on this many per side
 REFERENCE_POINTS = 5000  # a larger reference set is subsampled (seeded) to this size
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
+
+
+def subsample(rows: ArrayOrTensor, n: int) -> ArrayOrTensor:
+    """At most n rows, drawn at random (seeded, without replacement, in their order): the first
+    n rows of a file sorted by anything would be a biased subset."""
+    if len(rows) <= n:
+        return rows
+    keep = np.sort(np.random.default_rng(0).choice(len(rows), n, replace=False))
+    return rows[torch.from_numpy(keep)] if isinstance(rows, torch.Tensor) else rows[keep]
 
 
 @dataclass
@@ -61,15 +72,18 @@ class Scorer:
         return frechet_distance(self.reference_features, self._features(samples))
 
     def __call__(self, samples: np.ndarray) -> dict[str, float]:
+        """Every metric; MMD and precision/recall on random subsets of both sets (seeded), so
+        no metric depends on row order: a reference file may be sorted, and real data may be
+        scored as samples."""
         if self.extractor is None:
             x, y = samples, self.reference
             return {
                 "ED": energy_distance(x, y),
                 "SWD": sliced_wasserstein(x, y),
-                "MMD": mmd_rbf(x[:MMD_POINTS], y[:MMD_POINTS]),
+                "MMD": mmd_rbf(subsample(x, MMD_POINTS), subsample(y, MMD_POINTS)),
             }
         x, y = self._features(samples), self.reference_features
-        precision, recall = knn_precision_recall(y[:MMD_POINTS], x[:MMD_POINTS])
+        precision, recall = knn_precision_recall(subsample(y, MMD_POINTS), subsample(x, MMD_POINTS))
         name = self.extractor.name
         return {
             f"FD-{name}": frechet_distance(y, x),
@@ -92,9 +106,7 @@ def make_scorer(model: Model, reference: np.ndarray, features: str | None = None
         )
     if len(reference) < 10:
         raise UserError(f"reference data has {len(reference)} samples; expected at least 10")
-    if len(reference) > REFERENCE_POINTS:
-        keep = np.random.default_rng(0).choice(len(reference), REFERENCE_POINTS, replace=False)
-        reference = reference[np.sort(keep)]
+    reference = subsample(reference, REFERENCE_POINTS)
     images = len(model.shape) == 3
     if features is not None and not images:
         raise OptionError("features", "applies to image data; vectors are scored directly")

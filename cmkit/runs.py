@@ -6,7 +6,7 @@ unpickling code:
   online/target/ema.safetensors   the plain network's weights
   trainer.safetensors   optimiser tensors and RNG states (CPU, and the training device's), for
                         --resume
-  state.json            step, loss curve, optimiser hyper-parameters
+  state.json            step, loss curve, skipped and clipped steps, optimiser settings
 
 A checkpoint is several files that must agree, so it is written like a journal: every file
 is staged as NAME.tmp and fsynced, then checkpoint.commit (the list of names) is written
@@ -125,6 +125,7 @@ def save_checkpoint(run_dir: Path, config: RunConfig, state: TrainState) -> None
                 "losses": state.losses,
                 "running": state.running,
                 "skipped": state.skipped,
+                "clipped": state.clipped,
                 "seconds": state.seconds,
                 "param_groups": state.optimizer.state_dict()["param_groups"],
             }
@@ -249,8 +250,9 @@ def restore_state(run_dir: Path, state: TrainState) -> None:
         if _device_rng_key(state.device) in tensors:
             set_device_rng_state(tensors[_device_rng_key(state.device)], state.device)
         state.step, state.losses, state.seconds = meta["step"], meta["losses"], meta["seconds"]
-        # runs saved before the loss buffer and skip count were recorded resume with empty ones
+        # runs saved before the loss buffer and the counts were recorded resume with empty ones
         state.running, state.skipped = meta.get("running", []), meta.get("skipped", 0)
+        state.clipped = meta.get("clipped", 0)
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as err:
         raise UserError(
             f"{run_dir} holds a damaged trainer state ({err!r}); start a new run"

@@ -54,6 +54,7 @@ class TrainState:
     losses: list[float] = field(default_factory=list)  # mean loss per log interval
     running: list[float] = field(default_factory=list)  # losses since the last log entry
     skipped: int = 0  # batches skipped for a non-finite loss or gradient
+    clipped: int = 0  # optimiser steps whose gradient norm exceeded grad_clip
     seconds: float = 0.0  # wall time spent in train()
 
     @property
@@ -85,21 +86,24 @@ def weights_finite(state: TrainState) -> bool:
 
 
 def optimiser_step(
-    state: TrainState, loss_fn: Callable, batch: Batch, grad_clip: float
-) -> tuple[float, str | None]:
-    """(loss, None) after one clipped Adam step, or (loss, reason) when the loss or the gradient
-    is NaN/inf and no step was taken: nothing non-finite ever reaches the weights."""
+    state: TrainState, loss_fn: Callable, batch: Batch, grad_clip: float | None
+) -> tuple[float, float, str | None]:
+    """(loss, gradient norm before clipping, None) after one Adam step with the gradient
+    clipped to norm grad_clip (None: not clipped), or (loss, norm, reason) when the loss or the
+    gradient is NaN/inf and no step was taken: nothing non-finite ever reaches the weights."""
     loss = loss_fn(state.online, state.target, batch, state.step, state.generator)
     value = loss.item()  # a sync point on GPUs, needed for the check anyway
     if not math.isfinite(value):
-        return value, f"the loss is {value}"
+        return value, math.nan, f"the loss is {value}"
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = nn.utils.clip_grad_norm_(state.online.parameters(), grad_clip).item()
+    max_norm = math.inf if grad_clip is None else grad_clip  # inf: measure the norm only
+    norm = nn.utils.clip_grad_norm_(state.online.parameters(), max_norm).item()
     if not math.isfinite(norm):
-        return value, f"the gradient norm is {norm}"
+        return value, norm, f"the gradient norm is {norm}"
     state.optimizer.step()
-    return value, None
+    state.clipped += int(norm > max_norm)
+    return value, norm, None
 
 
 @dataclass
@@ -154,7 +158,7 @@ def train(
     batch_size: int,
     ema_rate: float,
     target_mu: Callable[[int], float] = lambda step: 0.0,
-    grad_clip: float = 1.0,
+    grad_clip: float | None = 1.0,
     checkpoint: Callable[[TrainState], None] | None = None,
     checkpoint_every: int = 1000,
     checkpoint_seconds: float = 600.0,
@@ -169,6 +173,8 @@ def train(
     A checkpoint is written every `checkpoint_every` steps and whenever `checkpoint_seconds`
     of `clock` time have passed since the last one, so a slow run killed without warning
     loses minutes, not hours; when they are written changes no result.
+    grad_clip: the largest gradient norm a step uses (None: no clipping); the steps where it
+    bound are counted in state.clipped, so how often a clip binds is measured, not guessed.
     on_nonfinite: "stop" raises TrainingDiverged at the first NaN/inf loss or gradient;
     "skip" drops that batch (no optimiser, target or EMA update) and counts it in
     state.skipped. SIGINT or SIGTERM saves a checkpoint at the current step and raises
@@ -177,30 +183,34 @@ def train(
     """
     if on_nonfinite not in ON_NONFINITE:
         raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
+        raise UserError(f"grad_clip must be a finite number > 0 or None, got {grad_clip}")
     device = state.device
     saved = state.step if checkpoint is not None and state.step > 0 else None
     bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="training")
     started, seconds_before = time.perf_counter(), state.seconds
     last_saved = clock()
+    norms: list[float] = []  # gradient norms since the last log entry, for the progress bar
     with bar, stop_on_signals() as stop:
         while state.step < steps:
             # data: sampling with replacement from the CPU generator keeps runs reproducible
             idx = torch.randint(0, len(data), (batch_size,), generator=state.generator)
             batch = data.rows(idx).to(device)
-            loss, problem = optimiser_step(state, loss_fn, batch, grad_clip)
+            loss, norm, problem = optimiser_step(state, loss_fn, batch, grad_clip)
             if problem is None:
                 # target network and the sampling EMA
                 if state.target is not None:
                     ema_update(state.target, state.online, target_mu(state.step))
                 ema_update(state.ema, state.online.net, ema_rate)
                 state.running.append(loss)
+                norms.append(norm)
             elif on_nonfinite == "stop":
                 raise TrainingDiverged(f"{problem} at step {state.step + 1}; {_kept(saved)}")
             else:
                 state.skipped += 1
                 tqdm.write(f"step {state.step + 1}: {problem}; batch skipped", file=sys.stderr)
             state.step += 1
-            _log(state, bar, state.step % log_every == 0 or state.step == steps)
+            _log(state, bar, state.step % log_every == 0 or state.step == steps, norms)
             state.seconds = seconds_before + time.perf_counter() - started
             due = (
                 state.step % checkpoint_every == 0
@@ -224,13 +234,18 @@ def train(
     return state
 
 
-def _log(state: TrainState, bar: tqdm, due: bool) -> None:
-    """Append the mean loss of the interval (if any batch was not skipped) to the curve."""
+def _log(state: TrainState, bar: tqdm, due: bool, norms: list[float]) -> None:
+    """Append the mean loss of the interval (if any batch was not skipped) to the curve, and
+    show it with the interval's mean gradient norm before clipping and the clipped steps."""
     bar.update(1)
     if not due:
         return
     if state.running:
         state.losses.append(sum(state.running) / len(state.running))
         postfix = {"loss": f"{state.losses[-1]:.4g}"}
-        bar.set_postfix(postfix | ({"skipped": state.skipped} if state.skipped else {}))
+        if norms:  # none yet when a resumed interval's only new batch was skipped
+            postfix["grad"] = f"{sum(norms) / len(norms):.3g}"
+        counts = {"clipped": state.clipped, "skipped": state.skipped}
+        bar.set_postfix(postfix | {k: v for k, v in counts.items() if v})
     state.running = []
+    norms.clear()

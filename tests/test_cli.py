@@ -250,6 +250,7 @@ def test_image_run_samples_png_grid(tmp_path):
         ("colour = 1", "unknown"),
         ("resume = 1", "true or false"),
         ("steps = [", "cannot read"),
+        ("grad-clip = 0", "grad-clip = 0; expected a number > 0 or 'none'"),
     ],
 )
 def test_bad_config_file_is_one_line(tmp_path, capsys, text, needle):
@@ -297,3 +298,39 @@ def test_checkpoint_minutes_must_be_positive(tmp_path, capsys, minutes):
     assert run_cli(*args) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == f"cmkit: error: --checkpoint-minutes must be > 0, got {float(minutes)}"
+
+
+TRAINING = {  # every training command, with what it needs besides --out
+    "train-teacher": ["train-teacher", "--data", "moons"],
+    "distill": ["distill", "--teacher", "{teacher}"],
+    "train": ["train", "--data", "moons"],
+}
+
+
+def _grad_clip_of(run) -> float | None:
+    return json.loads((run / "config.json").read_text())["training"]["options"]["grad_clip"]
+
+
+@pytest.mark.parametrize("command", TRAINING)
+def test_grad_clip_none_is_recorded_and_reruns_from_options_json(runs, tmp_path, command):
+    args = [a.format(teacher=runs / "teacher") for a in TRAINING[command]]
+    tiny = ["--steps", "3", "--batch-size", "16", "--no-progress"]
+    assert run_cli(*args, *tiny, "--out", tmp_path / "a", "--grad-clip", "off") == 0
+    assert json.loads((tmp_path / "a" / "options.json").read_text())["grad_clip"] == "none"
+    again = tmp_path / "b"
+    assert run_cli(command, "--config", tmp_path / "a" / "options.json", "--out", again) == 0
+    assert _grad_clip_of(tmp_path / "a") is None and _grad_clip_of(again) is None
+    assert run_cli(*args, *tiny, "--out", tmp_path / "c", "--grad-clip", "0.5") == 0
+    assert _grad_clip_of(tmp_path / "c") == 0.5
+
+
+@pytest.mark.parametrize("command", TRAINING)
+@pytest.mark.parametrize("value", ["0", "-1", "abc"])
+def test_bad_grad_clip_is_one_line_exit_2(runs, tmp_path, capsys, command, value):
+    args = [a.format(teacher=runs / "teacher") for a in TRAINING[command]]
+    with pytest.raises(SystemExit) as info:  # argparse's error, through Parser.error
+        run_cli(*args, "--out", tmp_path / "o", "--grad-clip", value)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2
+    assert f"--grad-clip: expected a number > 0 or 'none', got '{value}'" in line
+    assert not (tmp_path / "o").exists()

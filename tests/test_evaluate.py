@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from cmkit.evaluate import _golden_min, plans
+from cmkit.data import Scaler
+from cmkit.evaluate import MMD_POINTS, Scorer, _golden_min, plans
+from cmkit.features import make_extractor
 from cmkit.generate import load_model
 
 
@@ -116,3 +118,34 @@ def test_bad_input_is_one_line_exit_2(runs, tmp_path, capsys, args, needle):
     assert run_cli(*args) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+
+
+def _scores_as_given_and_sorted(reference, samples, extractor=None) -> tuple[dict, dict]:
+    """The samples' scores against the reference, and against it sorted by its first coordinate."""
+    ordered = reference[np.argsort(reference.reshape(len(reference), -1)[:, 0])]
+    return tuple(Scorer(r, Scaler.fit(r), extractor)(samples) for r in (reference, ordered))
+
+
+def test_scores_do_not_depend_on_the_reference_row_order():
+    """MMD and precision/recall score 2000 points per side: a random subset, not the first rows,
+    which on a reference sorted by its first coordinate are its lower half (MMD 0.10 instead of
+    about 0, precision 0.49 instead of 0.97). Sorting changes which points the subset holds, so
+    those metrics agree to their subsampling noise; the others use every point and agree up to
+    float rounding, KID to the noise of its torchmetrics subsets."""
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(2 * MMD_POINTS, 2))
+    samples = rng.normal(size=(1000, 2))
+    flat, ordered = _scores_as_given_and_sorted(reference, samples)
+    assert flat["ED"] == pytest.approx(ordered["ED"], rel=1e-9, abs=1e-12)
+    assert flat["SWD"] == pytest.approx(ordered["SWD"], rel=1e-9)
+    assert flat["MMD"] == pytest.approx(ordered["MMD"], abs=3e-3)
+
+    # images whose first pixel spreads over [-1, 1] and the others hardly vary
+    images = rng.normal(scale=0.05, size=(2 * MMD_POINTS, 1, 2, 2))
+    images[:, 0, 0, 0] = rng.uniform(-1, 1, size=len(images))
+    fakes = images[rng.choice(len(images), 1000, replace=False)] + 0.01
+    flat, ordered = _scores_as_given_and_sorted(images, fakes, make_extractor("pixels", (1, 2, 2)))
+    assert flat["FD-pixels"] == pytest.approx(ordered["FD-pixels"], rel=1e-9)
+    assert flat["KID-pixels"] == pytest.approx(ordered["KID-pixels"], abs=1e-3)
+    for metric in ("precision", "recall"):
+        assert flat[metric] == pytest.approx(ordered[metric], abs=0.03), metric

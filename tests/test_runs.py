@@ -256,7 +256,7 @@ def test_missing_or_mismatched_weights(tmp_path):
 
 def test_restore_state_round_trip(tmp_path):
     state = run_to(make_state(0), 6)
-    state.seconds = 1.5
+    state.seconds, state.clipped = 1.5, 4
     save_checkpoint(tmp_path, config(), state)
     torch_rng = torch.get_rng_state()
     torch.manual_seed(999)  # disturb the global RNG; restore_state must put it back
@@ -264,6 +264,7 @@ def test_restore_state_round_trip(tmp_path):
     fresh = make_state(1)  # different initial weights and generator
     restore_state(tmp_path, fresh)
     assert fresh.step == 6 and fresh.losses == state.losses and fresh.seconds == 1.5
+    assert fresh.clipped == 4
     assert torch.equal(fresh.generator.get_state(), state.generator.get_state())
     assert torch.equal(torch.get_rng_state(), torch_rng)
     assert_same(params(fresh.online), params(state.online))
@@ -343,6 +344,20 @@ def test_resume_keeps_the_loss_curve(tmp_path):
     restore_state(tmp_path, resumed)
     assert resumed.step == 6 and len(resumed.running) == 2
     assert to_12(resumed).losses == straight.losses and len(straight.losses) == 3
+
+
+def test_checkpoints_from_before_the_counts_resume_with_zero(tmp_path):
+    state = run_to(make_state(0), 2)
+    state.skipped = state.clipped = 1
+    save_checkpoint(tmp_path, config(), state)
+    meta = json.loads((tmp_path / "state.json").read_text())
+    save_json(
+        tmp_path / "state.json", {k: meta[k] for k in meta if k not in ("skipped", "clipped")}
+    )
+    fresh = make_state(0)
+    fresh.skipped = fresh.clipped = 5
+    restore_state(tmp_path, fresh)
+    assert fresh.step == 2 and fresh.skipped == fresh.clipped == 0
 
 
 # ---------------------------------------------------------------- crashes while saving

@@ -226,3 +226,39 @@ def test_same_seed_same_curve_and_weights_other_seed_differs():
     assert _same(_weights(a.online.net), _weights(b.online.net))
     assert _same(_weights(a.ema), _weights(b.ema))
     assert a.losses != c.losses
+
+
+def test_no_clipping_is_a_huge_clip():
+    """Off measures the norm without scaling the gradient, so it matches a clip never reached."""
+    off, huge, tight = (
+        run(make_state(), teacher_loss(), steps=12, log_every=3, grad_clip=clip)
+        for clip in (None, 1e30, 1e-3)
+    )
+    assert off.losses == huge.losses and _same(_weights(off.online.net), _weights(huge.online.net))
+    assert _same(_weights(off.ema), _weights(huge.ema))
+    assert off.clipped == huge.clipped == 0
+    assert tight.clipped == 12 and tight.losses != off.losses
+
+
+def test_clipped_counts_the_steps_whose_norm_exceeded_the_clip():
+    """A loss linear in the weights has a gradient of a chosen norm at each step; the NaN step
+    is skipped and counted as skipped, not clipped."""
+    norms = [0.5, 2.0, 0.9, float("nan"), 1.5, 0.1, 3.0, 0.99]
+
+    def loss_fn(f, _target, _x0, step, _generator):
+        weights = list(f.parameters())
+        size = sum(w.numel() for w in weights)
+        return norms[step] / size**0.5 * sum(w.sum() for w in weights)
+
+    state = run(make_state(), loss_fn, steps=len(norms), grad_clip=1.0, on_nonfinite="skip")
+    assert state.clipped == 3 and state.skipped == 1
+    assert (
+        run(make_state(), loss_fn, steps=len(norms), grad_clip=None, on_nonfinite="skip").clipped
+        == 0
+    )
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_grad_clip_value(clip):
+    with pytest.raises(ValueError, match="grad_clip must be a finite number > 0 or None"):
+        run(make_state(), teacher_loss(), grad_clip=clip)

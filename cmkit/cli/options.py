@@ -73,7 +73,7 @@ def clip_norm(text: str) -> float | str:
     except ValueError:
         value = math.nan
     if not (finite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a number > 0 or none, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'none', got {text!r}")
     return value
 
 

@@ -233,7 +233,7 @@ def fit(
         config.training.batch_size,
         run.ema_rate,
         target_mu=target_mu,
-        grad_clip=math.inf if grad_clip is None else grad_clip,
+        grad_clip=grad_clip,
         checkpoint=lambda s: save_checkpoint(out, config, s),
         checkpoint_every=run.checkpoint_every,
         checkpoint_seconds=60 * run.checkpoint_minutes,
