@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cmkit.batch import Batch
-from cmkit.errors import UserError
+from cmkit.errors import OptionError
 
 ON_NONFINITE = ("stop", "skip")
 # Ctrl-C, and what `kill`, a scheduler's preemption or a container stop sends
@@ -144,6 +144,16 @@ def stop_on_signals() -> Iterator[StopRequest]:
             signal.signal(s, previous[s])
 
 
+def check_grad_clip(grad_clip: float | None) -> None:
+    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
+        raise OptionError("grad_clip", f"must be a finite number > 0 or None, got {grad_clip}")
+
+
+def check_on_nonfinite(on_nonfinite: str) -> None:
+    if on_nonfinite not in ON_NONFINITE:
+        raise OptionError("on_nonfinite", f"must be 'stop' or 'skip', got {on_nonfinite!r}")
+
+
 def _kept(saved: int | None) -> str:
     if saved is None:
         return "no checkpoint was written"
@@ -181,10 +191,8 @@ def train(
     TrainingInterrupted. With the same state, data and seed, every step is reproducible, so
     a run resumed from any checkpoint ends bit-identical to one that never stopped.
     """
-    if on_nonfinite not in ON_NONFINITE:
-        raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
-    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
-        raise UserError(f"grad_clip must be a finite number > 0 or None, got {grad_clip}")
+    check_on_nonfinite(on_nonfinite)
+    check_grad_clip(grad_clip)
     device = state.device
     saved = state.step if checkpoint is not None and state.step > 0 else None
     bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="training")

@@ -14,7 +14,6 @@ from cmkit.networks.zoo import backbone_of, build_for_data, default_network
 from cmkit.noise import FixedScales
 from cmkit.recipes.common import (
     RunOptions,
-    check_grad_clip,
     distance_for,
     fit,
     run_data,
@@ -23,6 +22,7 @@ from cmkit.recipes.common import (
 )
 from cmkit.runs import load_network
 from cmkit.solvers import SOLVERS
+from cmkit.train import check_grad_clip
 
 
 @dataclass

@@ -6,7 +6,6 @@ dataclass and calls these; nothing here knows which recipe it serves.
 
 import copy
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from cmkit.networks.zoo import build_for_data, default_network
 from cmkit.noise import MAX_SCALES
 from cmkit.process import Process
 from cmkit.runs import finish_checkpoint, load_config, restore_state, resumable, save_checkpoint
-from cmkit.train import ON_NONFINITE, TrainState, train
+from cmkit.train import TrainState, check_on_nonfinite, train
 
 # Defaults sized for 2 CPU cores; their measured results are in BENCHMARKS.md.
 VECTOR_DEFAULTS = {"teacher_steps": 6000, "cm_steps": 6000, "batch_size": 512, "lr": 1e-3}
@@ -60,11 +59,6 @@ def check_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and not value > 0:
             raise OptionError(name, f"must be > 0, got {value}")
-
-
-def check_grad_clip(grad_clip: float | None) -> None:
-    if grad_clip is not None and not (grad_clip > 0 and math.isfinite(grad_clip)):
-        raise OptionError("grad_clip", f"must be a finite number > 0 or none, got {grad_clip}")
 
 
 def check_scales(s0: int, s1: int, s0_min: int) -> None:
@@ -137,8 +131,7 @@ def training_section(run: RunOptions, shape, steps_key: str, recipe: str, option
         )
     if not 0 <= run.ema_rate < 1:
         raise OptionError("ema_rate", f"must be in [0, 1), got {run.ema_rate}")
-    if run.on_nonfinite not in ON_NONFINITE:
-        raise OptionError("on_nonfinite", f"must be 'stop' or 'skip', got {run.on_nonfinite!r}")
+    check_on_nonfinite(run.on_nonfinite)
     return section
 
 

@@ -10,11 +10,11 @@ from cmkit.noise import CTCurriculum
 from cmkit.process import Process
 from cmkit.recipes.common import (
     RunOptions,
-    check_grad_clip,
     check_scales,
     distance_for,
     train_from_data,
 )
+from cmkit.train import check_grad_clip
 
 MU_VARIANTS = ("paper", "openai")
 

@@ -24,11 +24,11 @@ from cmkit.noise import ICT_P_MEAN, ICT_P_STD, ICTCurriculum, lognormal_index_pr
 from cmkit.process import Process
 from cmkit.recipes.common import (
     RunOptions,
-    check_grad_clip,
     check_scales,
     distance_for,
     train_from_data,
 )
+from cmkit.train import check_grad_clip
 
 PAIRS = ("uniform", "lognormal")
 WEIGHTINGS = {"ict": inverse_gap_weight, "uniform": unit_weight}

@@ -11,13 +11,13 @@ from cmkit.config import RunConfig, SamplingSection
 from cmkit.process import Process
 from cmkit.recipes.common import (
     RunOptions,
-    check_grad_clip,
     fit,
     from_data,
     start,
     training_section,
 )
 from cmkit.solvers import DEFAULT_GRID_POINTS, DEFAULT_SOLVER
+from cmkit.train import check_grad_clip
 
 
 @dataclass
