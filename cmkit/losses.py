@@ -17,7 +17,10 @@ import torch
 from torch import nn
 
 from cmkit.batch import Batch, Cond
+from cmkit.jvp import jvp
+from cmkit.networks.embedding import SinusoidalEmbedding
 from cmkit.noise import EDM_P_MEAN, EDM_P_STD, ICT_P_MEAN, ICT_P_STD, lognormal_index_probs
+from cmkit.param import batch_column
 from cmkit.rng import device_rng_state, set_device_rng_state
 from cmkit.solvers import SOLVER_STEPS, Denoiser
 
@@ -142,6 +145,27 @@ class GridPairs:
         return grid[n + 1].to(x0), grid[n].to(x0)
 
 
+@dataclass
+class ContinuousPairs:
+    """ECT's pairs in continuous time: ln t ~ N(P_mean, P_std²), t clipped to the process's
+    range, r = schedule.lower(t, step) (see noise.ECTSchedule). r is clamped at ≥ ε = t_min,
+    where f(x_r, ε) = x_r = x₀ + ε·z is the boundary: the paper's r < σ_min → "target x₀"."""
+
+    process: object
+    schedule: object  # .lower(t, step) -> r
+    p_mean: float
+    p_std: float
+
+    def __call__(self, x0: torch.Tensor, step: int, generator: torch.Generator):
+        lo, hi = self.process.t_min, self.process.t_max
+        ln_t = self.p_mean + self.p_std * torch.randn(
+            len(x0), generator=generator, dtype=torch.float64
+        )
+        t = torch.exp(ln_t).clamp(lo, hi)
+        r = self.schedule.lower(t, step).clamp(min=lo)
+        return t.to(x0), r.to(x0)
+
+
 def unit_weight(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """λ = 1 (Song et al. 2023)."""
     return torch.ones_like(t)
@@ -150,6 +174,15 @@ def unit_weight(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 def inverse_gap_weight(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """λ = 1/(t − r) (iCT)."""
     return 1.0 / (t - r)
+
+
+def edm_snr_weight(sigma_data: float) -> Weighting:
+    """λ = (t² + σ_d²)/(t·σ_d)², EDM's weighting, as ECT uses on ImageNet-64."""
+
+    def weight(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return (t**2 + sigma_data**2) / (t * sigma_data) ** 2
+
+    return weight
 
 
 @dataclass
@@ -209,4 +242,111 @@ class ConsistencyLoss:
         with torch.no_grad():
             set_device_rng_state(state, device)
             target = f_target(p.x_r, p.r, **batch.cond)
-        return (self.weighting(p.t, p.r) * self.distance(pred, target)).mean()
+        # a pair with t = r (both clipped to ε) carries no information: weight 0, not 1/0
+        weight = torch.where(p.t > p.r, self.weighting(p.t, p.r), 0.0)
+        return (weight * self.distance(pred, target)).mean()
+
+
+# ---------------------------------------------------------------- continuous time (sCM)
+
+
+class AdaptiveWeight(nn.Module):
+    """sCM's learned weighting w_φ(t): positional features of t, then one linear layer, zero
+    at the start (weight e⁰ = 1). Trained with the model, it evens the loss out over t."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.embed = SinusoidalEmbedding(dim)
+        self.out = nn.Linear(dim, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(t)).squeeze(1).to(t.dtype)
+
+
+def trigflow_times(
+    batch: int, p_mean: float, p_std: float, sigma_data: float, generator: torch.Generator
+) -> torch.Tensor:
+    """sCM's training times t = arctan(e^τ/σ_d), τ ~ N(P_mean, P_std²): (B,) float64."""
+    tau = p_mean + p_std * torch.randn(batch, generator=generator, dtype=torch.float64)
+    return torch.atan(torch.exp(tau) / sigma_data)
+
+
+def normalised_tangent(
+    F_minus: torch.Tensor,
+    J: torch.Tensor,
+    x_t: torch.Tensor,
+    dxdt: torch.Tensor,
+    t: torch.Tensor,
+    sigma_data: float,
+    warmup: float,
+    c: float,
+) -> torch.Tensor:
+    """g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·(cos t·sin t·x_t + σ_d·J), then g/(‖g‖ + c) per
+    sample (Lu & Song 2024, Algorithm 1; r the tangent warm-up). J = cos t·sin t·dF⁻/dt, the
+    JVP along cos t·sin t·(dx_t/dt, 1): the paper's arrangement, which never divides by sin t.
+    At r = 1, g = cos t·df⁻/dt along the ODE, with f⁻ = cos t·x_t − sin t·σ_d·F⁻."""
+    cos, sin = batch_column(torch.cos(t), x_t), batch_column(torch.sin(t), x_t)
+    g = -(cos**2) * (sigma_data * F_minus - dxdt) - warmup * (cos * sin * x_t + sigma_data * J)
+    norm = g.flatten(1).norm(dim=1)
+    return g / batch_column(norm + c, g)
+
+
+@dataclass
+class SCMLoss:
+    """Continuous-time consistency training (sCT) or distillation (sCD) on the TrigFlow
+    process (Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time
+    Consistency Models", Algorithm 1):
+
+        L = e^{w_φ(t)}/D·‖F_θ − F_θ⁻ − g‖² − w_φ(t)
+
+    with g the normalised tangent, dF_θ⁻/dt from one JVP of the target network along
+    (dx_t/dt, 1), and dx_t/dt = cos t·z − sin t·x₀ (sCT, z ~ N(0, σ_d²I)) or the teacher's
+    PF-ODE velocity (sCD). `online`/`target` are TrigFlow consistency functions exposing F."""
+
+    process: object  # TrigFlowProcess
+    weight: AdaptiveWeight
+    velocity: Callable | None = None  # sCD: (x_t, t, **cond) -> dx_t/dt; None: sCT
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    warmup_steps: int = 1000  # r = min(1, step/H)
+    tangent_c: float = 0.1
+    jvp: str = "exact"
+    t_range: tuple[float, float] | None = None  # sCD: the times the teacher was trained on
+
+    def draw(self, batch: Batch, generator: torch.Generator):
+        """(t, x_t, dx_t/dt) of one batch."""
+        x0, sd = batch.x0, self.process.sigma_data
+        t = trigflow_times(len(x0), self.p_mean, self.p_std, sd, generator)
+        if self.t_range is not None:
+            t = t.clamp(*self.t_range)
+        t = t.to(x0)
+        z = torch.randn(x0.shape, generator=generator).to(x0)
+        x_t = self.process.perturb(x0, t, z)
+        if self.velocity is None:
+            cos, sin = batch_column(torch.cos(t), x0), batch_column(torch.sin(t), x0)
+            dxdt = cos * sd * z - sin * x0
+        else:
+            with torch.no_grad():
+                dxdt = self.velocity(x_t, t, **batch.cond)
+        return t, x_t, dxdt
+
+    def __call__(self, online, target, batch: Batch, step: int, generator) -> torch.Tensor:
+        t, x_t, dxdt = self.draw(batch, generator)
+        device = x_t.device
+        state = device_rng_state(device)  # both passes draw the same dropout masks
+        cs = batch_column(torch.cos(t) * torch.sin(t), x_t)
+
+        def F_target(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+            return target.F(x, tt, **batch.cond)
+
+        F_minus, J = jvp(F_target, (x_t, t), (cs * dxdt, cs.flatten()), self.jvp)
+        set_device_rng_state(state, device)
+        F_theta = online.F(x_t, t, **batch.cond)
+        r = min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        g = normalised_tangent(F_minus, J, x_t, dxdt, t, self.process.sigma_data, r, self.tangent_c)
+        w = self.weight(t)
+        dim = x_t[0].numel()
+        per_sample = (F_theta - F_minus - g).flatten(1).pow(2).sum(1)
+        return (torch.exp(w) / dim * per_sample - w).mean()

@@ -16,6 +16,8 @@ SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 MAX_SCALES = 100_000  # far beyond any published N (1280); bounds memory and time per step
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # EDM training: ln σ ~ N(P_mean, P_std²) (Karras et al. 2022)
 ICT_P_MEAN, ICT_P_STD = -1.1, 2.0  # iCT's lognormal over grid pairs (Song & Dhariwal 2023)
+ECT_P_MEAN, ECT_P_STD = -1.1, 2.0  # ECT's lognormal over t (Geng et al. 2024)
+ECT_MIN_RATIO = 1e-5  # smallest (t − r)/t float32 still resolves at t ~ 1
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = RHO) -> torch.Tensor:
@@ -101,6 +103,37 @@ class ICTCurriculum:
 
     def target_mu(self, step: int) -> float:
         return 0.0
+
+
+@dataclass(frozen=True)
+class ECTSchedule:
+    """ECT's staged mapping from t to the lower time r (Geng et al. 2024, "Consistency Models
+    Made Easy", §3): r = t·(1 − q^{−(s+1)}·n(t)), n(t) = 1 + k·sigmoid(−b·t), clamped at 0, with
+    the stage s = ⌊step / double⌋. Stage 0 pairs t with r ≈ 0 (a denoising loss: where a
+    diffusion model already is); every stage shrinks the gap t − r by q, towards the
+    continuous-time consistency condition. μ = 0: the target is the online network."""
+
+    q: float = 2.0
+    double: int = 500
+    k: float = 8.0
+    b: float = 1.0
+
+    def stage(self, step: int) -> int:
+        return step // self.double
+
+    def ratio(self, t: torch.Tensor, step: int) -> torch.Tensor:
+        """(t − r)/t before clamping: q^{−(s+1)}·n(t)."""
+        return self.q ** -(self.stage(step) + 1) * (1 + self.k * torch.sigmoid(-self.b * t))
+
+    def lower(self, t: torch.Tensor, step: int) -> torch.Tensor:
+        return (t * (1 - self.ratio(t, step))).clamp(min=0)
+
+    def target_mu(self, step: int) -> float:
+        return 0.0
+
+    def last_useful_stage(self) -> int:
+        """The last stage whose smallest gap ratio q^{−(s+1)} is still ≥ ECT_MIN_RATIO."""
+        return math.floor(-math.log(ECT_MIN_RATIO) / math.log(self.q)) - 1
 
 
 def lognormal_index_probs(

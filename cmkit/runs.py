@@ -4,9 +4,12 @@ A run directory holds everything needed to rebuild the model and its sampler wit
 unpickling code:
   config.json           what was trained, on what data (and its scaling), with which options
   online/target/ema.safetensors   the plain network's weights
+  aux.safetensors       the loss's own trained weights, where it has some (sCM's w_φ)
   trainer.safetensors   optimiser tensors and RNG states (CPU, and the training device's), for
                         --resume
   state.json            step, loss curve, skipped and clipped steps, optimiser settings
+  history/              with keep_history: ema-STEP.safetensors per checkpoint, and
+                        index.json (step → training seconds), for quality-against-time curves
 
 A checkpoint is several files that must agree, so it is written like a journal: every file
 is staged as NAME.tmp and fsynced, then checkpoint.commit (the list of names) is written
@@ -38,6 +41,7 @@ CHECKPOINT_FILES = (
     "online.safetensors",
     "ema.safetensors",
     "target.safetensors",
+    "aux.safetensors",
     "trainer.safetensors",
     "state.json",
 )
@@ -133,11 +137,25 @@ def save_checkpoint(run_dir: Path, config: RunConfig, state: TrainState) -> None
     }
     if state.target is not None:
         files["target.safetensors"] = _tensors_writer(state.target.net.state_dict())
+    if state.aux is not None:
+        files["aux.safetensors"] = _tensors_writer(state.aux.state_dict())
     for name, write in files.items():
         stage(run_dir / name, write)
     fsync_dir(run_dir)
     save_json(run_dir / COMMIT, sorted(files))  # the commit point
     finish_checkpoint(run_dir)
+
+
+def save_history(run_dir: Path, state: TrainState) -> None:
+    """Keep this checkpoint's EMA weights as history/ema-STEP.safetensors, indexed by step
+    with the training seconds so far (each file atomic; the index last)."""
+    history = run_dir / "history"
+    history.mkdir(exist_ok=True)
+    save_tensors(history / f"ema-{state.step:08d}.safetensors", state.ema.state_dict())
+    index_path = history / "index.json"
+    index = read_json(index_path) if index_path.is_file() else {}
+    index[str(state.step)] = state.seconds
+    save_json(index_path, index)
 
 
 def finish_checkpoint(run_dir: Path) -> None:
@@ -235,6 +253,8 @@ def restore_state(run_dir: Path, state: TrainState) -> None:
     load_weights(state.ema, run_dir / "ema.safetensors")
     if state.target is not None:
         load_weights(state.target.net, run_dir / "target.safetensors")
+    if state.aux is not None:
+        load_weights(state.aux, run_dir / "aux.safetensors")
     meta = read_json(run_dir / "state.json")
     tensors = read_tensors(run_dir / "trainer.safetensors")
     try:

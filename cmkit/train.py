@@ -50,6 +50,7 @@ class TrainState:
     generator: torch.Generator  # CPU generator for batches and noise
     ema: nn.Module  # a copy of online.net averaged for sampling
     target: nn.Module | None = None  # wrapped copy for θ⁻, or None for teachers
+    aux: nn.Module | None = None  # the loss's own trainable weights (sCM's w_φ), or None
     step: int = 0
     losses: list[float] = field(default_factory=list)  # mean loss per log interval
     running: list[float] = field(default_factory=list)  # losses since the last log entry
@@ -61,6 +62,11 @@ class TrainState:
     def device(self) -> torch.device:
         """Where training runs: the device of the online weights."""
         return next(self.online.parameters()).device
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates and the gradient clip bounds: the model, then aux."""
+        modules = (self.online, self.aux)
+        return [p for module in modules if module is not None for p in module.parameters()]
 
 
 @torch.no_grad()
@@ -75,7 +81,7 @@ def ema_update(average: nn.Module, current: nn.Module, decay: float) -> None:
 
 def weights_finite(state: TrainState) -> bool:
     """True when the online, EMA and target weights hold no NaN or inf (checked before saving)."""
-    modules = (state.online, state.ema, state.target)
+    modules = (state.online, state.ema, state.target, state.aux)
     return all(
         bool(torch.isfinite(t).all())
         for module in modules
@@ -98,7 +104,7 @@ def optimiser_step(
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = math.inf if grad_clip is None else grad_clip  # inf: measure the norm only
-    norm = nn.utils.clip_grad_norm_(state.online.parameters(), max_norm).item()
+    norm = nn.utils.clip_grad_norm_(state.parameters(), max_norm).item()
     if not math.isfinite(norm):
         return value, norm, f"the gradient norm is {norm}"
     state.optimizer.step()

@@ -20,12 +20,26 @@ from cmkit.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 NET = ["--network", '{"hidden": 16, "depth": 1}']
 SMALL = ["--batch-size", "16", "--no-progress", "--checkpoint-every", "4"]
-COMMANDS = {  # the four recipes, each on moons with a tiny MLP (distill inherits its teacher's)
+COMMANDS = {  # every recipe, each on moons with a tiny MLP (distill inherits its teacher's)
     "teacher": ["train-teacher", "--data", "moons", *NET],
     "distill": ["distill"],  # --teacher is added by the fixture
     "ict": ["train", "--data", "moons", *NET],
     "ct": ["train", "--data", "moons", "--recipe", "ct", *NET],
+    "ect": [
+        "train",
+        "--data",
+        "moons",
+        "--recipe",
+        "ect",
+        "--double",
+        "20",
+        "--dropout",
+        "0.1",
+        *NET,
+    ],
+    "ect-tuned": ["train", "--data", "moons", "--recipe", "ect", "--double", "20", *NET],
 }
+FROM_TEACHER = {"distill": "--teacher", "ect-tuned": "--init-from"}
 
 
 def cli(*args) -> int:
@@ -60,7 +74,7 @@ def teacher(tmp_path_factory) -> Path:
 
 
 def command(recipe: str, teacher: Path) -> list:
-    return COMMANDS[recipe] + (["--teacher", teacher] if recipe == "distill" else [])
+    return COMMANDS[recipe] + ([FROM_TEACHER[recipe], teacher] if recipe in FROM_TEACHER else [])
 
 
 class Crash(BaseException):
@@ -119,10 +133,11 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
-def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("recipe", ["ict", "ect-tuned"])
+def test_sigkill_mid_run_then_resume_is_bit_identical(recipe, teacher, tmp_path):
     """The killed process checkpoints every step (which does not change the results), so it is
     slow enough to be caught mid-run and the kill most likely lands inside a checkpoint write."""
-    args = [*COMMANDS["ict"], "--steps", 200, "--batch-size", "16", "--no-progress"]
+    args = [*command(recipe, teacher), "--steps", 200, "--batch-size", "16", "--no-progress"]
     proc = _start([*args, "--checkpoint-every", 1, "--out", tmp_path / "killed"], tmp_path)
     _wait_for_checkpoint(proc, tmp_path / "killed")
     proc.send_signal(signal.SIGKILL)

@@ -11,10 +11,12 @@ from pathlib import Path
 from cmkit import recipes
 from cmkit.cli.options import add_device, check_device, clip_norm, flag, json_object, require
 from cmkit.errors import OptionError
+from cmkit.jvp import JVP_METHODS
 from cmkit.losses import DISTANCES
 from cmkit.networks.zoo import BACKBONES
 from cmkit.process import PROCESSES, EDMProcess, make_process
 from cmkit.recipes.ct import MU_VARIANTS
+from cmkit.recipes.ect import ECT_WEIGHTINGS
 from cmkit.recipes.ict import PAIRS, WEIGHTINGS
 from cmkit.solvers import SOLVERS
 from cmkit.train import ON_NONFINITE
@@ -52,6 +54,11 @@ def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
         help="also checkpoint after this many minutes of wall time",
     )
     p.add_argument(
+        "--keep-history",
+        action="store_true",
+        help="also keep each checkpoint's EMA weights in <out>/history (quality over time)",
+    )
+    p.add_argument(
         "--on-nonfinite",
         default="stop",
         choices=ON_NONFINITE,
@@ -78,8 +85,8 @@ def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
     add_device(p)
 
 
-def _add_process(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--process", default="edm", choices=list(PROCESSES))
+def _add_process(p: argparse.ArgumentParser, default: str = "edm") -> None:
+    p.add_argument("--process", choices=list(PROCESSES), help=f"noise process (default {default})")
     edm = EDMProcess()
     for name, text in PROCESS_FLAGS.items():
         p.add_argument(flag(name), type=float, help=f"{text} (default {getattr(edm, name):g})")
@@ -99,6 +106,7 @@ def _run_options(args: argparse.Namespace) -> recipes.RunOptions:
         resume=args.resume,
         checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes,
+        keep_history=args.keep_history,
         progress=not args.no_progress,
         on_nonfinite=args.on_nonfinite,
         network=getattr(args, "network", {}),
@@ -106,13 +114,26 @@ def _run_options(args: argparse.Namespace) -> recipes.RunOptions:
     )
 
 
-def _process(args: argparse.Namespace):
-    """The --process with the process flags given, each refused where it has no such field."""
-    accepted = {f.name for f in fields(PROCESSES[args.process])}
-    given = {name: getattr(args, name) for name in PROCESS_FLAGS if getattr(args, name) is not None}
-    for name in sorted(given.keys() - accepted):
-        raise OptionError(name, f"does not apply to --process {args.process}")
-    return make_process(args.process, **given)
+def _process(args: argparse.Namespace, default: str = "edm"):
+    """The --process (else `default`) with the process flags given, each refused where it has
+    no such field."""
+    name = args.process or default
+    accepted = {f.name for f in fields(PROCESSES[name])}
+    given = {key: getattr(args, key) for key in PROCESS_FLAGS if getattr(args, key) is not None}
+    for key in sorted(given.keys() - accepted):
+        raise OptionError(key, f"does not apply to --process {name}")
+    return make_process(name, **given)
+
+
+def _recipe(args: argparse.Namespace, table: dict) -> "recipes.Recipe":
+    """The chosen recipe, refusing the flags of the table's other recipes that it lacks."""
+    recipe = table[args.recipe]
+    own = {f.name for f in fields(recipe.options)}
+    for other in table.values():
+        for f in fields(other.options):
+            if f.name not in own and getattr(args, f.name, None) is not None:
+                raise OptionError(f.name, f"does not apply to --recipe {args.recipe}")
+    return recipe
 
 
 def _options(cls: type, args: argparse.Namespace, **values):
@@ -138,8 +159,17 @@ def train_teacher(args: argparse.Namespace) -> Path:
 
 def add_distill(sub) -> None:
     d = recipes.CDOptions(teacher="")
-    p = sub.add_parser("distill", help="consistency distillation from a teacher run")
+    p = sub.add_parser(
+        "distill",
+        help="consistency distillation from a teacher run (CD, or sCD in continuous time)",
+    )
     _add_run_options(p, data=False)
+    p.add_argument(
+        "--recipe",
+        default="cd",
+        choices=list(recipes.DISTILL_RECIPES),
+        help="cd: grid pairs joined by a teacher ODE step (default); scd: continuous time",
+    )
     p.add_argument("--teacher", help="teacher run directory")
     p.add_argument("--solver", choices=SOLVERS, help=f"teacher ODE step (default {d.solver})")
     p.add_argument("--num-scales", type=int, help=f"N, points of the σ grid ({d.num_scales})")
@@ -148,13 +178,30 @@ def add_distill(sub) -> None:
     p.add_argument(
         "--no-init-from-teacher", action="store_true", help="start the student from random weights"
     )
+    _add_scm_flags(p, times=True)
+
+
+def _add_scm_flags(p: argparse.ArgumentParser, times: bool) -> None:
+    """sCT/sCD's own flags; `times`: also P_mean/P_std of the training times (train has them
+    already, shared with iCT and ECT)."""
+    s = recipes.SCTOptions()
+    if times:
+        p.add_argument("--p-mean", type=float, help=f"scd: τ ~ N(P_mean, P_std²) ({s.p_mean})")
+        p.add_argument("--p-std", type=float, help=f"scd: P_std ({s.p_std})")
+    p.add_argument("--warmup", type=int, help=f"sct/scd: tangent warm-up steps ({s.warmup})")
+    p.add_argument("--tangent-c", type=float, help=f"sct/scd: g/(‖g‖ + c) ({s.tangent_c})")
+    p.add_argument(
+        "--jvp",
+        help=f"sct/scd: dF/dt by {' or '.join(JVP_METHODS)} (default {s.jvp})",
+    )
 
 
 def distill(args: argparse.Namespace) -> Path:
     require(args, "teacher")
+    recipe = _recipe(args, recipes.DISTILL_RECIPES)
     init = not args.no_init_from_teacher
-    opts = _options(recipes.CDOptions, args, init_from_teacher=init)
-    return recipes.distill_run(_run_options(args), opts)
+    opts = _options(recipe.options, args, init_from_teacher=init)
+    return recipe.run(_run_options(args), opts)
 
 
 def _defaults(option: str) -> str:
@@ -168,10 +215,12 @@ def _defaults(option: str) -> str:
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="consistency training (iCT or CT) from data alone")
+    p = sub.add_parser(
+        "train", help="consistency training from data (iCT, CT) or tuning a teacher (ECT)"
+    )
     _add_run_options(p)
     p.add_argument("--recipe", default="ict", choices=list(recipes.TRAINING_RECIPES))
-    _add_process(p)
+    _add_process(p, "edm; sct: trigflow")
     p.add_argument("--distance", choices=DISTANCES, help=_defaults("distance"))
     p.add_argument("--s0", type=int, help=f"initial N ({_defaults('s0')})")
     p.add_argument("--s1", type=int, help=f"final N ({_defaults('s1')})")
@@ -189,23 +238,34 @@ def add_train(sub) -> None:
     )
     p.add_argument(
         "--weighting",
-        choices=list(WEIGHTINGS),
-        help="ict: λ = 1/(t_{n+1} − t_n) (ict, the default) or 1 (uniform)",
+        choices=sorted({*WEIGHTINGS, *ECT_WEIGHTINGS}),
+        help="ict: λ = 1/(t_{n+1} − t_n) (ict, the default) or 1 (uniform); "
+        "ect: 1/(t − r) (inverse-gap, the default) or (t² + σ_d²)/(t·σ_d)² (snr)",
     )
     p.add_argument("--p-mean", type=float, help=f"lognormal pairs: P_mean ({_defaults('p_mean')})")
     p.add_argument("--p-std", type=float, help=f"lognormal pairs: P_std ({_defaults('p_std')})")
+    e = recipes.ECTOptions()
+    p.add_argument(
+        "--init-from", help="ect: start from this EDM teacher run (same network); else scratch"
+    )
+    p.add_argument("--q", type=float, help=f"ect: the gap t − r shrinks by q per stage ({e.q:g})")
+    p.add_argument("--double", type=int, help=f"ect: steps per stage ({e.double})")
+    p.add_argument("--k", type=float, help=f"ect: n(t) = 1 + k·sigmoid(−b·t) (k = {e.k:g})")
+    p.add_argument("--b", type=float, help=f"ect: b of n(t) ({e.b:g})")
+    p.add_argument(
+        "--huber-c", type=float, help="ect: pseudo-Huber c (default iCT's 0.00054·√d; 0: L2 norm)"
+    )
+    p.add_argument(
+        "--dropout", type=float, help="ect: dropout of the network (default: the network's)"
+    )
+    _add_scm_flags(p, times=False)
 
 
 def train(args: argparse.Namespace) -> Path:
     require(args, "data")
-    recipe = recipes.TRAINING_RECIPES[args.recipe]
-    own = {f.name for f in fields(recipe.options)}
-    for other in recipes.TRAINING_RECIPES.values():
-        for f in fields(other.options):
-            if f.name not in own and getattr(args, f.name, None) is not None:
-                raise OptionError(f.name, f"does not apply to --recipe {args.recipe}")
+    recipe = _recipe(args, recipes.TRAINING_RECIPES)
     opts = _options(recipe.options, args)
-    return recipe.run(_run_options(args), args.data, _process(args), opts)
+    return recipe.run(_run_options(args), args.data, _process(args, recipe.process), opts)
 
 
 COMMANDS = {

@@ -3,6 +3,8 @@
   teacher   an EDM denoiser or flow-matching velocity field (the baseline, CD's teacher)
   cd        consistency distillation from a teacher run
   ct, ict   consistency training from data alone (original and improved)
+  ect       easy consistency tuning: continuous-time pairs, from a teacher or from scratch
+  scm       continuous-time sCT (from data) and sCD (from a teacher) on TrigFlow, by JVP
 
 Each `*_run(run: RunOptions, ...)` trains (or resumes) one run directory and returns it;
 `common` holds the set-up they share. `TRAINING_RECIPES` are those `cmkit train --recipe`
@@ -15,29 +17,50 @@ from dataclasses import dataclass
 from cmkit.recipes.cd import CDOptions, distill_run
 from cmkit.recipes.common import RunOptions, defaults_for
 from cmkit.recipes.ct import CTOptions, ct_run
+from cmkit.recipes.ect import ECTOptions, ect_run
 from cmkit.recipes.ict import ICTOptions, ict_run
+from cmkit.recipes.scm import SCDOptions, SCTOptions, scd_run, sct_run
 from cmkit.recipes.teacher import TeacherOptions, teacher_run
 
 
 @dataclass(frozen=True)
 class Recipe:
     options: type
-    run: Callable  # (RunOptions, data_spec, process, options) -> Path
+    run: (
+        Callable  # train: (RunOptions, data_spec, process, options); distill: (RunOptions, options)
+    )
+    process: str = "edm"  # the process it trains on unless told otherwise
 
 
-TRAINING_RECIPES = {"ct": Recipe(CTOptions, ct_run), "ict": Recipe(ICTOptions, ict_run)}
+TRAINING_RECIPES = {
+    "ct": Recipe(CTOptions, ct_run),
+    "ict": Recipe(ICTOptions, ict_run),
+    "ect": Recipe(ECTOptions, ect_run),
+    "sct": Recipe(SCTOptions, sct_run, "trigflow"),
+}
+DISTILL_RECIPES = {
+    "cd": Recipe(CDOptions, distill_run),
+    "scd": Recipe(SCDOptions, scd_run, "trigflow"),
+}
 
 __all__ = [
     "CDOptions",
     "CTOptions",
+    "DISTILL_RECIPES",
+    "ECTOptions",
     "ICTOptions",
     "TRAINING_RECIPES",
     "Recipe",
     "RunOptions",
+    "SCDOptions",
+    "SCTOptions",
     "TeacherOptions",
     "ct_run",
     "defaults_for",
     "distill_run",
+    "ect_run",
     "ict_run",
+    "scd_run",
+    "sct_run",
     "teacher_run",
 ]

@@ -21,7 +21,14 @@ from cmkit.losses import make_distance
 from cmkit.networks.zoo import build_for_data, default_network
 from cmkit.noise import MAX_SCALES
 from cmkit.process import Process
-from cmkit.runs import finish_checkpoint, load_config, restore_state, resumable, save_checkpoint
+from cmkit.runs import (
+    finish_checkpoint,
+    load_config,
+    restore_state,
+    resumable,
+    save_checkpoint,
+    save_history,
+)
 from cmkit.train import TrainState, check_on_nonfinite, train
 
 # Defaults sized for 2 CPU cores; their measured results are in BENCHMARKS.md.
@@ -45,6 +52,7 @@ class RunOptions:
     resume: bool = False
     checkpoint_every: int = 1000
     checkpoint_minutes: float = 10.0  # also checkpoint after this much wall time
+    keep_history: bool = False  # also keep each checkpoint's EMA weights in <out>/history
     progress: bool = True
     on_nonfinite: str = "stop"  # or "skip": drop batches with a NaN/inf loss or gradient
     network: dict = field(default_factory=dict)  # overrides of the default network kwargs
@@ -150,15 +158,21 @@ def train_from_data(
     return fit(run, config, state, data, loss, opts.grad_clip, schedule.target_mu)
 
 
-def start(run: RunOptions, config: RunConfig, online, target, net) -> TrainState:
-    """Fresh state (or the saved one with resume) on the requested device."""
+def start(
+    run: RunOptions, config: RunConfig, online, target, net, aux: nn.Module | None = None
+) -> TrainState:
+    """Fresh state (or the saved one with resume) on the requested device; `aux` holds the
+    loss's own trainable weights, optimised and checkpointed with the network."""
     device = torch.device(run.device)
     online.to(device)
     if target is not None:
         target.to(device).requires_grad_(False)
+    if aux is not None:
+        aux.to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
-    optimizer = torch.optim.Adam(online.parameters(), lr=config.training.lr)
-    state = TrainState(online, optimizer, torch.Generator().manual_seed(run.seed), ema, target)
+    params = [*online.parameters(), *(aux.parameters() if aux is not None else ())]
+    optimizer = torch.optim.Adam(params, lr=config.training.lr)
+    state = TrainState(online, optimizer, torch.Generator().manual_seed(run.seed), ema, target, aux)
     out = _prepare_out(Path(run.out))
     if run.resume and resumable(out):
         _check_same_run(out, load_config(out, config.kind), config)
@@ -227,10 +241,16 @@ def fit(
         run.ema_rate,
         target_mu=target_mu,
         grad_clip=grad_clip,
-        checkpoint=lambda s: save_checkpoint(out, config, s),
+        checkpoint=lambda s: _checkpoint(out, config, s, run.keep_history),
         checkpoint_every=run.checkpoint_every,
         checkpoint_seconds=60 * run.checkpoint_minutes,
         progress=run.progress,
         on_nonfinite=run.on_nonfinite,
     )
     return out
+
+
+def _checkpoint(out: Path, config: RunConfig, state: TrainState, keep_history: bool) -> None:
+    save_checkpoint(out, config, state)
+    if keep_history:
+        save_history(out, state)

@@ -1,0 +1,131 @@
+"""ECT: the staged mapping r(t, stage) by hand, continuous pairs in range, a zero weight for
+empty pairs, tuning from a teacher's weights, and bad values refused in one line."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY, run_cli
+from safetensors.torch import load_file
+
+from cmkit.batch import Batch
+from cmkit.losses import (
+    ConsistencyLoss,
+    ContinuousPairs,
+    UnbiasedEstimate,
+    inverse_gap_weight,
+    l2_distance,
+)
+from cmkit.networks.mlp import MLP
+from cmkit.noise import ECTSchedule
+from cmkit.process import EDMProcess
+
+
+@pytest.mark.parametrize(
+    "t,step,r",
+    [
+        # stage 3 (double 100): ratio 2^-4·(1 + 8·sigmoid(−1)) = 0.196971
+        (1.0, 350, 0.8030292893150024),
+        # stage 2: 2^-3·(1 + 8·sigmoid(−10)) = 0.125045
+        (10.0, 200, 8.749546021312975),
+        (0.01, 599, 0.009221874973958594),  # stage 5
+        (1.0, 99, 0.0),  # stage 0: 1 − 0.5·3.15 < 0, clamped
+    ],
+)
+def test_ect_mapping_matches_hand_computed_values(t, step, r):
+    schedule = ECTSchedule(q=2.0, double=100, k=8.0, b=1.0)
+    got = schedule.lower(torch.tensor([t], dtype=torch.float64), step)
+    assert got.item() == pytest.approx(r, rel=1e-12, abs=1e-15)
+
+
+def test_each_stage_shrinks_the_gap_by_q():
+    schedule = ECTSchedule(q=4.0, double=10)
+    t = torch.tensor([0.5, 3.0, 40.0], dtype=torch.float64)
+    gaps = [t - schedule.lower(t, 10 * s) for s in (2, 3, 4)]
+    assert torch.allclose(gaps[0] / gaps[1], torch.full_like(t, 4.0))
+    assert torch.allclose(gaps[1] / gaps[2], torch.full_like(t, 4.0))
+
+
+def test_continuous_pairs_stay_in_the_process_range_with_t_above_r():
+    process = EDMProcess()
+    pairs = ContinuousPairs(process, ECTSchedule(double=50), -1.1, 2.0)
+    x0 = torch.zeros(20000, 2)
+    t, r = pairs(x0, 120, torch.Generator().manual_seed(0))
+    assert t.dtype == x0.dtype and t.shape == r.shape == (20000,)
+    assert (t >= process.t_min).all() and (t <= process.t_max).all()
+    assert (r >= process.t_min).all() and (r <= t).all()
+    inside = t[(t > 0.01) & (t < 50)]  # away from the clipped tails: ln t ~ N(−1.1, 2.0²)
+    assert torch.log(t).median().item() == pytest.approx(-1.1, abs=0.05)
+    assert len(inside) > 10000
+
+
+def test_a_pair_clipped_to_the_boundary_weighs_zero_not_infinity():
+    process = EDMProcess()
+    loss = ConsistencyLoss(
+        process,
+        lambda x0, step, gen: (torch.full((4,), process.t_min), torch.full((4,), process.t_min)),
+        UnbiasedEstimate(process.perturb),
+        l2_distance,
+        inverse_gap_weight,
+    )
+    f = process.consistency(MLP(2, hidden=8, depth=1))
+    value = loss(f, f, Batch(torch.randn(4, 2)), 0, torch.Generator().manual_seed(0))
+    assert value.item() == 0.0
+
+
+NET = ["--network", '{"hidden": 32, "depth": 1}']
+
+
+def test_ect_from_a_teacher_starts_from_its_weights(tmp_path):
+    teacher = tmp_path / "teacher"
+    assert run_cli("train-teacher", "--data", "moons", "--out", teacher, *NET, *TINY) == 0
+    out = tmp_path / "ect"
+    args = ["train", "--recipe", "ect", "--data", "moons", "--init-from", teacher, *NET]
+    assert run_cli(*args, "--out", out, "--lr", "1e-30", *TINY) == 0
+    before, after = load_file(teacher / "ema.safetensors"), load_file(out / "online.safetensors")
+    assert before.keys() == after.keys()
+    for key in before:  # lr 1e-30 moves no float32 weight
+        assert torch.equal(before[key], after[key]), key
+    options = json.loads((out / "config.json").read_text())["training"]["options"]
+    assert options["init_from"] == str(teacher.resolve()) and options["q"] == 2.0
+    assert run_cli("sample", "--model", out, "--n", "8", "--out", tmp_path / "s.npy") == 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--q", "1"], "--q must be > 1"),
+        (["--double", "0"], "--double must be >= 1"),
+        (["--weighting", "ict"], "--weighting must be 'inverse-gap' or 'snr'"),
+        (["--distance", "l1"], "--distance must be 'pseudo-huber' or 'l2'"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+        (["--q", "10", "--double", "1"], "below float32's resolution"),
+        (["--process", "flow"], "the flow process starts at 0"),
+        (["--s0", "4"], "--s0 does not apply to --recipe ect"),
+        (["--init-from", "nowhere"], "nowhere"),
+    ],
+)
+def test_bad_ect_values_are_one_line_exit_2(tmp_path, capsys, extra, message):
+    args = ["train", "--recipe", "ect", "--data", "moons", "--out", tmp_path / "r", *TINY]
+    assert run_cli(*args, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_ect_refuses_a_teacher_of_another_network_or_a_consistency_run(
+    moons_runs, tmp_path, capsys
+):
+    args = ["train", "--recipe", "ect", "--data", "moons", *TINY]
+    teacher = moons_runs / "teacher"  # the default MLP (hidden 256, depth 4)
+    assert run_cli(*args, "--init-from", teacher, *NET, "--out", tmp_path / "a") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--init-from" in err and "must match" in err and len(err.splitlines()) == 1
+    assert run_cli(*args, "--init-from", moons_runs / "cd", "--out", tmp_path / "b") == 2
+    assert "expected a teacher run" in capsys.readouterr().err
+
+
+def test_stage_count_guard_matches_float32_resolution():
+    last = ECTSchedule(q=2.0).last_useful_stage()
+    assert 2.0 ** -(last + 1) >= 1e-5 > 2.0 ** -(last + 2)
+    assert math.isfinite(last)
