@@ -47,6 +47,15 @@ def _column_or_float(t: Times, x: torch.Tensor) -> torch.Tensor | float:
     return float(t) if isinstance(t, int | float) else batch_column(t, x)
 
 
+def trig_columns(t: Times, x: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(cos t, sin t): floats for a float t, else columns broadcasting against x. At t = 0 they
+    are exactly 1 and 0, in any dtype."""
+    if isinstance(t, int | float):
+        return math.cos(t), math.sin(t)
+    tc = batch_column(t, x)
+    return torch.cos(tc), torch.sin(tc)
+
+
 def _c_noise(t: Times, x: torch.Tensor) -> torch.Tensor:
     """c_noise = ln(t)/4 as a (B,) tensor."""
     if isinstance(t, int | float):
@@ -127,3 +136,29 @@ class FlowParam(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, **net_kwargs) -> torch.Tensor:
         t = as_batch_times(t, x)
         return x - batch_column(t, x) * self.velocity(x, t, **net_kwargs)
+
+
+class TrigFlowParam(nn.Module):
+    """TrigFlow (Lu & Song 2024, sCM): f(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, c_noise(t)),
+    c_noise(t) = t; f(x, 0) = x exactly (cos 0 = 1, sin 0 = 0).
+
+    The same expression is the teacher's x₀-prediction when F is trained on the velocity, and
+    σ_d·F is the PF-ODE dx_t/dt (`drift`, which the solvers use). t: a float or a (B,) tensor;
+    `F` is the raw network output, the function sCM's forward-mode JVP differentiates.
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA) -> None:
+        super().__init__()
+        self.net, self.sigma_data = net, sigma_data
+
+    def F(self, x_t: torch.Tensor, t: Times, **net_kwargs) -> torch.Tensor:
+        """F_θ(x_t/σ_d, t), shaped like x_t."""
+        return self.net(x_t / self.sigma_data, as_batch_times(t, x_t), **net_kwargs)
+
+    def drift(self, x_t: torch.Tensor, t: Times, **net_kwargs) -> torch.Tensor:
+        """dx_t/dt = σ_d·F_θ(x_t/σ_d, t)."""
+        return self.sigma_data * self.F(x_t, t, **net_kwargs)
+
+    def forward(self, x_t: torch.Tensor, t: Times, **net_kwargs) -> torch.Tensor:
+        cos_t, sin_t = trig_columns(_batch_or_float(t, x_t), x_t)
+        return cos_t * x_t - sin_t * self.drift(x_t, t, **net_kwargs)
