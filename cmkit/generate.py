@@ -73,8 +73,9 @@ def generate(
     """n samples in the user's units, float32; the same seed gives the same samples.
 
     Teacher runs integrate the PF-ODE (Euler/Heun, `steps` grid points). Consistency runs use
-    one step, the multistep sampler over `times`, or with `ode` the ODE v = (x − f)/t; a run
-    whose sampling section sets clip_denoised (imported from diffusers) clamps f to [−1, 1].
+    one step, the multistep sampler over `times`, or with `ode` the ODE v = (x − f)/t
+    (TrigFlow: (cos t·x − f)/sin t = σ_d·F, the model's drift); a run whose sampling section
+    sets clip_denoised (imported from diffusers) clamps f to [−1, 1].
     All noise is drawn up front from one CPU generator, so chunking does not change results.
     `cond` holds the conditioning of the n samples (n rows per tensor).
     """

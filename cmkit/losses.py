@@ -20,7 +20,7 @@ from cmkit.batch import Batch, Cond
 from cmkit.jvp import jvp
 from cmkit.networks.embedding import SinusoidalEmbedding
 from cmkit.noise import EDM_P_MEAN, EDM_P_STD, ICT_P_MEAN, ICT_P_STD, lognormal_index_probs
-from cmkit.param import batch_column
+from cmkit.param import batch_column, trig_columns
 from cmkit.rng import device_rng_state, set_device_rng_state
 from cmkit.solvers import SOLVER_STEPS, Denoiser
 
@@ -96,6 +96,32 @@ class FlowMatchingLoss:
         x1 = torch.randn(x0.shape, generator=generator).to(x0)
         x_t = self.process.perturb(x0, t, x1)
         return l2_distance(flow.velocity(x_t, t, **batch.cond), x1 - x0).mean()
+
+
+@dataclass
+class TrigFlowLoss:
+    """TrigFlow velocity regression (Lu & Song 2024): ln σ ~ N(P_mean, P_std²), t = arctan(σ/σ_d),
+    x_t = cos t·x₀ + sin t·σ_d·z, target v = dx_t/dt = cos t·σ_d·z − sin t·x₀, loss
+    ‖σ_d·F − v‖²/σ_d² (mean over dimensions, then over the batch).
+
+    It is EDMLoss term for term on the same draws: with D = cos t·x_t − sin t·σ_d·F,
+    D − x₀ = sin t·(v − σ_d·F) and EDM's λ(σ) = (σ² + σ_d²)/(σ·σ_d)² = 1/(σ_d·sin t)².
+    """
+
+    process: object
+    p_mean: float = EDM_P_MEAN
+    p_std: float = EDM_P_STD
+
+    def __call__(self, param, _target, batch: Batch, step: int, generator) -> torch.Tensor:
+        x0 = batch.x0
+        ln_sigma = self.p_mean + self.p_std * torch.randn(len(x0), generator=generator).to(x0)
+        z = torch.randn(x0.shape, generator=generator).to(x0)  # drawn as EDMLoss draws them
+        sd = self.process.sigma_data
+        t = torch.atan(torch.exp(ln_sigma) / sd)
+        cos_t, sin_t = trig_columns(t, x0)
+        v = cos_t * sd * z - sin_t * x0
+        x_t = self.process.perturb(x0, t, z)
+        return (l2_distance(param.drift(x_t, t, **batch.cond), v) / sd**2).mean()
 
 
 # ---------------------------------------------------------------- consistency pairs

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cmkit.noise import SIGMA_DATA, SIGMA_MIN
+from cmkit.noise import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+
+TIME_INPUTS = ("t", "edm")  # TrigFlowParam's c_noise: t itself, or EDM's ln(σ_d·tan t)/4
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,15 @@ def _column_or_float(t: Times, x: torch.Tensor) -> torch.Tensor | float:
     """A float stays a float: samplers pass one time for the whole batch, and scalar
     coefficients keep a one-step sample within a few percent of a bare forward at batch 1."""
     return float(t) if isinstance(t, int | float) else batch_column(t, x)
+
+
+def trig_columns(t: Times, x: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(cos t, sin t): floats for a float t, else columns broadcasting against x. At t = 0 they
+    are exactly 1 and 0, in any dtype."""
+    if isinstance(t, int | float):
+        return math.cos(t), math.sin(t)
+    tc = batch_column(t, x)
+    return torch.cos(tc), torch.sin(tc)
 
 
 def _c_noise(t: Times, x: torch.Tensor) -> torch.Tensor:
@@ -127,3 +138,42 @@ class FlowParam(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, **net_kwargs) -> torch.Tensor:
         t = as_batch_times(t, x)
         return x - batch_column(t, x) * self.velocity(x, t, **net_kwargs)
+
+
+class TrigFlowParam(nn.Module):
+    """TrigFlow (Lu & Song 2024, sCM): f(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, c_noise(t)),
+    c_noise(t) = t; f(x, 0) = x exactly (cos 0 = 1, sin 0 = 0).
+
+    The same expression is the teacher's x₀-prediction when F is trained on the velocity, and
+    σ_d·F is the PF-ODE dx_t/dt (`drift`, which the solvers use). t: a float or a (B,) tensor;
+    `F` is the raw network output, the function sCM's forward-mode JVP differentiates.
+
+    time_input "edm" runs a network trained as an EDM denoiser: c_noise = ln(σ)/4 with
+    σ = σ_d·tan t (clamped to EDM's [σ_min, σ_max]) and F = −F_EDM. EDM's c_in·x_σ is exactly
+    x_t/σ_d and its c_skip, c_out are cos²t and σ_d·sin t there, so f is then the EDM denoiser
+    D(x_t/cos t, σ_d·tan t): how sCD starts a TrigFlow student from an EDM teacher's weights.
+    """
+
+    def __init__(
+        self, net: nn.Module, sigma_data: float = SIGMA_DATA, time_input: str = "t"
+    ) -> None:
+        super().__init__()
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"unknown time input {time_input!r}; expected 't' or 'edm'")
+        self.net, self.sigma_data, self.time_input = net, sigma_data, time_input
+
+    def F(self, x_t: torch.Tensor, t: Times, **net_kwargs) -> torch.Tensor:
+        """F_θ(x_t/σ_d, c_noise(t)), shaped like x_t."""
+        t = as_batch_times(t, x_t)
+        if self.time_input == "t":
+            return self.net(x_t / self.sigma_data, t, **net_kwargs)
+        sigma = (self.sigma_data * torch.tan(t)).clamp(SIGMA_MIN, SIGMA_MAX)
+        return -self.net(x_t / self.sigma_data, torch.log(sigma) / 4, **net_kwargs)
+
+    def drift(self, x_t: torch.Tensor, t: Times, **net_kwargs) -> torch.Tensor:
+        """dx_t/dt = σ_d·F_θ(x_t/σ_d, t)."""
+        return self.sigma_data * self.F(x_t, t, **net_kwargs)
+
+    def forward(self, x_t: torch.Tensor, t: Times, **net_kwargs) -> torch.Tensor:
+        cos_t, sin_t = trig_columns(_batch_or_float(t, x_t), x_t)
+        return cos_t * x_t - sin_t * self.drift(x_t, t, **net_kwargs)

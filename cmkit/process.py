@@ -10,6 +10,7 @@ protocol, so adding a process is adding one class here (and its name to PROCESSE
   denoise_point(y, σ)     (x_t, t) for y = x + σ·z, the input of one-step denoising
   noise_levels            the σ of y = x + σ·z that denoise_point takes, (lo, hi]
   to_search / from_search the coordinate tune-times searches τ in
+  to_edm(x_t, t), from_edm(x_σ, σ)  the same point in EDM's x_σ = x₀ + σ·z, σ (per sample)
   consistency(net), denoiser(net), teacher_loss()
   diffusers_scheduler()   ConsistencyModelPipeline scheduler settings, or None
 """
@@ -21,9 +22,19 @@ import torch
 from torch import nn
 
 from cmkit.errors import UserError
-from cmkit.losses import EDMLoss, FlowMatchingLoss
+from cmkit.losses import EDMLoss, FlowMatchingLoss, TrigFlowLoss
 from cmkit.noise import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, check_grid_args, karras_sigmas
-from cmkit.param import ConsistencyFunction, EDMDenoiser, FlowParam, batch_column
+from cmkit.param import (
+    TIME_INPUTS,
+    ConsistencyFunction,
+    EDMDenoiser,
+    FlowParam,
+    Times,
+    TrigFlowParam,
+    as_batch_times,
+    batch_column,
+    trig_columns,
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,14 @@ class EDMProcess:
     def denoise_point(self, y: torch.Tensor, sigma: float) -> tuple[torch.Tensor, float]:
         """y = x + σ·z is already the process at t = σ."""
         _check_noise_level(self, sigma)
-        return y, sigma
+        return self.from_edm(y, sigma)
+
+    def to_edm(self, x_t: torch.Tensor, t: Times) -> tuple[torch.Tensor, Times]:
+        """The identity: x_t = x₀ + t·z is EDM's x_σ at σ = t."""
+        return x_t, t
+
+    def from_edm(self, x_sigma: torch.Tensor, sigma: Times) -> tuple[torch.Tensor, Times]:
+        return x_sigma, sigma
 
     def to_search(self, t: float) -> float:
         """τ is searched in log σ: the Karras grid is near-uniform there."""
@@ -158,8 +176,17 @@ class FlowProcess:
     def denoise_point(self, y: torch.Tensor, sigma: float) -> tuple[torch.Tensor, float]:
         """y/(1 + σ) = (1 − t)·x + t·z with t = σ/(1 + σ), so any σ > 0 maps into (0, 1)."""
         _check_noise_level(self, sigma)
+        return self.from_edm(y, sigma)
+
+    def to_edm(self, x_t: torch.Tensor, t: Times) -> tuple[torch.Tensor, Times]:
+        """σ = t/(1 − t), x_σ = x_t/(1 − t) (t < 1). t: a float or a (B,) tensor."""
+        keep = 1 - t
+        return x_t / _column_or_float(keep, x_t), t / keep
+
+    def from_edm(self, x_sigma: torch.Tensor, sigma: Times) -> tuple[torch.Tensor, Times]:
+        """t = σ/(1 + σ), x_t = (1 − t)·x_σ."""
         t = sigma / (1 + sigma)
-        return (1 - t) * y, t
+        return (1 - _column_or_float(t, x_sigma)) * x_sigma, t
 
     def to_search(self, t: float) -> float:
         return float(t)
@@ -184,8 +211,133 @@ class FlowProcess:
         return {"name": self.name, **asdict(self)}
 
 
-Process = EDMProcess | FlowProcess
-PROCESSES: dict[str, type[Process]] = {"edm": EDMProcess, "flow": FlowProcess}
+T_MID = 1.1  # sCM's 2-step intermediate time (Lu & Song 2024)
+
+
+@dataclass(frozen=True)
+class TrigFlowProcess:
+    """TrigFlow x_t = cos t·x₀ + sin t·σ_d·z, z ~ N(0, I), t ∈ [0, π/2] (Lu & Song 2024, sCM).
+
+    It is EDM's process re-timed and rescaled: σ = σ_d·tan t and x_σ = x_t/cos t (to_edm), so
+    a denoiser of any process serves as its x₀-prediction (trigflow_velocity). The boundary is
+    t = 0, where the parameterisation gives f(x, 0) = x exactly.
+    """
+
+    sigma_data: float = SIGMA_DATA
+    time_input: str = "t"  # c_noise = t, or "edm": an EDM network's ln(σ)/4 (see TrigFlowParam)
+
+    def __post_init__(self) -> None:
+        if not self.sigma_data > 0:
+            raise UserError(f"need sigma_data > 0, got {self.sigma_data}")
+        if self.time_input not in TIME_INPUTS:
+            raise UserError(f"time_input must be 't' or 'edm', got {self.time_input!r}")
+
+    name = "trigflow"
+    t_min = 0.0
+    t_max = math.pi / 2
+    noise_levels = (0.0, math.inf)
+
+    def grid(self, n: int) -> torch.Tensor:
+        """arctan(σ_i/σ_d) of the n-point Karras grid over EDM's σ range [0.002, 80] (ρ = 7):
+        the ends are that range mapped (0.0040 and 1.5645 at σ_d = 0.5), not 0 and π/2, so
+        CT/iCT's grid pairs are EDM's pairs in TrigFlow time."""
+        return torch.atan(karras_sigmas(n, SIGMA_MIN, SIGMA_MAX, RHO) / self.sigma_data)
+
+    def sampling_times(self, k: int) -> torch.Tensor:
+        """π/2, then the K − 1 lower points of the K-point grid (descending), then 0: EDM's
+        sampler grid mapped, with its top σ_max moved to σ = ∞. K = 1: π/2, 0."""
+        _check_steps(k)
+        lower = self.grid(k).flip(0)[1:] if k > 1 else torch.zeros(0, dtype=torch.float64)
+        ends = torch.tensor([self.t_max, 0.0], dtype=torch.float64)
+        return torch.cat([ends[:1], lower, ends[1:]])
+
+    def default_times(self, steps: int) -> list[float]:
+        """τ_i = 1.1·(k − i)/(k − 1), i = 1 … k − 1: sCM's t_mid = 1.1 at 2 steps, then evenly
+        spaced below it (3 steps: 1.1, 0.55). The best τ depends on the model (tune-times)."""
+        _check_steps(steps)
+        return [T_MID * (steps - i) / (steps - 1) for i in range(1, steps)]
+
+    def perturb(self, x0: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        cos_t, sin_t = trig_columns(as_batch_times(t, x0), x0)
+        return cos_t * x0 + sin_t * self.sigma_data * z
+
+    def prior(self, z: torch.Tensor) -> torch.Tensor:
+        return self.sigma_data * z
+
+    def renoise(self, x: torch.Tensor, t: float, z: torch.Tensor) -> torch.Tensor:
+        """sCM's multistep re-noising x = cos τ·x₀ + sin τ·σ_d·z."""
+        return math.cos(t) * x + math.sin(t) * self.sigma_data * z
+
+    def denoise_point(self, y: torch.Tensor, sigma: float) -> tuple[torch.Tensor, float]:
+        """y = x + σ·z is EDM's x_σ: t = arctan(σ/σ_d), x_t = cos t·y."""
+        _check_noise_level(self, sigma)
+        return self.from_edm(y, sigma)
+
+    def to_edm(self, x_t: torch.Tensor, t: Times) -> tuple[torch.Tensor, Times]:
+        """σ = σ_d·tan t, x_σ = x_t/cos t, for t < π/2 (σ = ∞ at π/2; a float32 tensor of π/2
+        rounds above it, where cos t < 0). t: a float or a (B,) tensor."""
+        cos_t, _ = trig_columns(t, x_t)
+        tan_t = math.tan(t) if isinstance(t, int | float) else torch.tan(t)
+        return x_t / cos_t, self.sigma_data * tan_t
+
+    def from_edm(self, x_sigma: torch.Tensor, sigma: Times) -> tuple[torch.Tensor, Times]:
+        """t = arctan(σ/σ_d), x_t = cos t·x_σ."""
+        ratio = sigma / self.sigma_data
+        t = math.atan(ratio) if isinstance(ratio, int | float) else torch.atan(ratio)
+        cos_t, _ = trig_columns(t, x_sigma)
+        return cos_t * x_sigma, t
+
+    def to_search(self, t: float) -> float:
+        return float(t)
+
+    def from_search(self, u: float) -> float:
+        return float(u)
+
+    def consistency(self, net: nn.Module) -> TrigFlowParam:
+        return TrigFlowParam(net, self.sigma_data, self.time_input)
+
+    def denoiser(self, net: nn.Module) -> TrigFlowParam:
+        return TrigFlowParam(net, self.sigma_data, self.time_input)
+
+    def teacher_loss(self) -> TrigFlowLoss:
+        return TrigFlowLoss(self)
+
+    def diffusers_scheduler(self) -> None:
+        """ConsistencyModelPipeline samples the EDM process only."""
+        return None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **asdict(self)}
+
+
+Process = EDMProcess | FlowProcess | TrigFlowProcess
+PROCESSES: dict[str, type[Process]] = {
+    "edm": EDMProcess,
+    "flow": FlowProcess,
+    "trigflow": TrigFlowProcess,
+}
+
+
+def trigflow_velocity(teacher_process: Process, teacher_denoiser, sigma_data: float = SIGMA_DATA):
+    """The TrigFlow PF-ODE v(x_t, t, **cond) = dx_t/dt = (cos t·x_t − D)/sin t of any teacher.
+
+    D = teacher_denoiser(x, s) at the teacher's point (x, s) = teacher_process.from_edm(x_σ, σ)
+    of (x_σ, σ) = TrigFlowProcess(σ_d).to_edm(x_t, t): an x₀-prediction does not depend on the
+    process. For sCD's target dx_t/dt. t: a float or a (B,) tensor in (0, π/2).
+    """
+    trig = TrigFlowProcess(sigma_data)
+
+    def velocity(x_t: torch.Tensor, t: Times, **cond) -> torch.Tensor:
+        t = as_batch_times(t, x_t)
+        D = teacher_denoiser(*teacher_process.from_edm(*trig.to_edm(x_t, t)), **cond)
+        cos_t, sin_t = trig_columns(t, x_t)
+        return (cos_t * x_t - D) / sin_t
+
+    return velocity
+
+
+def _column_or_float(t: Times, x: torch.Tensor) -> Times:
+    return float(t) if isinstance(t, int | float) else batch_column(t, x)
 
 
 def _check_steps(k: int) -> None:

@@ -65,6 +65,7 @@ def sample_ode(
     solver: str = "euler",
     cond: Cond = NO_COND,
 ) -> torch.Tensor:
-    """Deterministic sampling of dx/dt = (x − f(x, t))/t over the process's solver grid of
-    `steps` points: the PF-ODE of a teacher denoiser, or a consistency model's own ODE."""
+    """Deterministic sampling of dx/dt = (x − f(x, t))/t (or f's own drift: TrigFlow's σ_d·F)
+    over the process's solver grid of `steps` points: the PF-ODE of a teacher denoiser, or a
+    consistency model's own ODE (f taken as the denoiser)."""
     return solve(f, process.prior(z), process.sampling_times(steps), solver, cond=cond)

@@ -1,9 +1,10 @@
 """ODE solvers for the probability-flow ODE dx/dt = (x − D(x, t))/t, over any denoiser.
 
 A denoiser is any callable D(x, t, **cond) -> x₀ estimate: an EDM teacher, a flow teacher
-(D = x − t·v), a consistency function, or a test mock. Samplers are plain loops over an
-explicit, printable list of times (Karras et al. 2022, Algorithm 1 without churn); the
-batch's conditioning is passed to every evaluation.
+(D = x − t·v), a consistency function, or a test mock. One whose process has another ODE
+carries it as a `drift(x, t, **cond)` method (TrigFlow: dx_t/dt = σ_d·F), used instead.
+Samplers are plain loops over an explicit, printable list of times (Karras et al. 2022,
+Algorithm 1 without churn); the batch's conditioning is passed to every evaluation.
 """
 
 from collections.abc import Callable
@@ -18,8 +19,12 @@ Denoiser = Callable[..., torch.Tensor]
 
 
 def drift(denoiser: Denoiser, x: torch.Tensor, t, cond: Cond = NO_COND) -> torch.Tensor:
-    """dx/dt = (x − D(x, t))/t; t must be > 0."""
+    """dx/dt: the denoiser's own `drift(x, t, **cond)` where it has one (TrigFlow: σ_d·F),
+    else (x − D(x, t))/t, which needs t > 0."""
     t = as_batch_times(t, x)
+    own = getattr(denoiser, "drift", None)
+    if own is not None:
+        return own(x, t, **cond)
     return (x - denoiser(x, t, **cond)) / batch_column(t, x)
 
 

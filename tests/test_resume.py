@@ -38,8 +38,10 @@ COMMANDS = {  # every recipe, each on moons with a tiny MLP (distill inherits it
         *NET,
     ],
     "ect-tuned": ["train", "--data", "moons", "--recipe", "ect", "--double", "20", *NET],
+    "sct": ["train", "--data", "moons", "--recipe", "sct", "--warmup", "10", *NET],
+    "scd": ["distill", "--recipe", "scd", "--warmup", "10"],
 }
-FROM_TEACHER = {"distill": "--teacher", "ect-tuned": "--init-from"}
+FROM_TEACHER = {"distill": "--teacher", "ect-tuned": "--init-from", "scd": "--teacher"}
 
 
 def cli(*args) -> int:
@@ -50,7 +52,7 @@ def trained(run_dir: Path) -> dict:
     """Everything a run leaves that must match bit for bit: weights, optimiser moments, RNG
     states, the step, the loss curve and the loss buffer (not the wall time)."""
     out = {}
-    for name in ("online", "ema", "target", "trainer"):
+    for name in ("online", "ema", "target", "aux", "trainer"):
         if (run_dir / f"{name}.safetensors").exists():
             out |= {f"{name}/{k}": v for k, v in load_file(run_dir / f"{name}.safetensors").items()}
     state = json.loads((run_dir / "state.json").read_text())
@@ -133,7 +135,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
-@pytest.mark.parametrize("recipe", ["ict", "ect-tuned"])
+@pytest.mark.parametrize("recipe", ["ict", "ect-tuned", "sct", "scd"])
 def test_sigkill_mid_run_then_resume_is_bit_identical(recipe, teacher, tmp_path):
     """The killed process checkpoints every step (which does not change the results), so it is
     slow enough to be caught mid-run and the kill most likely lands inside a checkpoint write."""

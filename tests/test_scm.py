@@ -4,13 +4,18 @@ weighting's optimum, and the finite-difference JVP against the exact one."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from conftest import TINY, run_cli
+from safetensors.torch import load_file
 from torch import nn
 
 from cmkit.batch import Batch
 from cmkit.jvp import jvp
 from cmkit.losses import AdaptiveWeight, SCMLoss, normalised_tangent
+from cmkit.networks.mlp import MLP
+from cmkit.process import EDMProcess, TrigFlowProcess
 
 SD = 0.5  # σ_d
 
@@ -134,3 +139,58 @@ def test_finite_difference_jvp_matches_the_exact_one():
     assert torch.allclose(exact, approx, rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match="unknown jvp method 'forward'"):
         jvp(net.F, (x, t), (v, vt), "forward")
+
+
+def test_an_edm_network_read_in_trigflow_time_is_the_edm_denoiser():
+    """time_input "edm": f(x_t, t) = D(x_t/cos t, σ_d·tan t), so sCD starts at the teacher."""
+    torch.manual_seed(0)
+    net = MLP(3, hidden=16, depth=1).double()
+    edm, trig = EDMProcess(sigma_data=SD), TrigFlowProcess(sigma_data=SD, time_input="edm")
+    x_t = torch.randn(6, 3, dtype=torch.float64)
+    t = torch.tensor([0.01, 0.2, 0.7, 1.1, 1.4, 1.56], dtype=torch.float64)
+    f = trig.consistency(net)(x_t, t)
+    D = edm.denoiser(net)(x_t / torch.cos(t)[:, None], SD * torch.tan(t))
+    assert torch.allclose(f, D, rtol=1e-12, atol=1e-12)
+    assert torch.equal(trig.consistency(net)(x_t, 0.0), x_t)  # the boundary, exactly
+
+
+def test_scd_run_refuses_a_flow_teacher_as_its_start_and_a_bad_jvp(tmp_path, capsys):
+    teacher = tmp_path / "flow"
+    args = ["--network", '{"hidden": 16, "depth": 1}', *TINY]
+    assert (
+        run_cli("train-teacher", "--data", "moons", "--process", "flow", "--out", teacher, *args)
+        == 0
+    )
+    distill = ["distill", "--recipe", "scd", "--teacher", teacher, *TINY]
+    assert run_cli(*distill, "--out", tmp_path / "a") == 2
+    err = capsys.readouterr().err.strip()
+    assert "flow teacher's network cannot start a TrigFlow student" in err
+    assert len(err.splitlines()) == 1
+    assert run_cli(*distill, "--no-init-from-teacher", "--out", tmp_path / "b") == 0
+    assert run_cli(*distill, "--jvp", "forward", "--out", tmp_path / "c") == 2
+    assert "--jvp must be 'exact' or 'finite-difference'" in capsys.readouterr().err
+    assert run_cli(*distill, "--solver", "euler", "--out", tmp_path / "d") == 2
+    assert "--solver does not apply to --recipe scd" in capsys.readouterr().err
+    train = ["train", "--recipe", "sct", "--data", "moons", *TINY]
+    assert run_cli(*train, "--process", "edm", "--out", tmp_path / "e") == 2
+    assert "sct trains on the trigflow process" in capsys.readouterr().err
+
+
+def test_sct_and_scd_sample_edit_eval_and_refuse_export(moons_runs, tmp_path, capsys):
+    sct, scd = tmp_path / "sct", tmp_path / "scd"
+    assert run_cli("train", "--recipe", "sct", "--data", "moons", "--out", sct, *TINY) == 0
+    teacher = moons_runs / "teacher"
+    assert run_cli("distill", "--recipe", "scd", "--teacher", teacher, "--out", scd, *TINY) == 0
+    for run in (sct, scd):
+        aux = load_file(run / "aux.safetensors")  # w_φ is saved with the run
+        assert aux and all(torch.isfinite(v).all() for v in aux.values())
+        for steps in ("1", "2"):
+            out = tmp_path / f"{run.name}{steps}.npy"
+            assert (
+                run_cli("sample", "--model", run, "--n", "16", "--steps", steps, "--out", out) == 0
+            )
+            assert np.isfinite(np.load(out)).all()
+        assert run_cli("eval", "--model", run, "--nfe", "1,2", "--n", "200") == 0
+    capsys.readouterr()
+    assert run_cli("export-diffusers", "--model", scd, "--out", tmp_path / "hf") == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -26,7 +26,11 @@ def add_sample(sub) -> None:
     )
     p.add_argument("--times", type=floats, help="CM: intermediate times τ₁ > τ₂ > …")
     p.add_argument("--solver", choices=SOLVERS, help="teacher (or --ode) solver")
-    p.add_argument("--ode", action="store_true", help="CM: deterministic ODE v = (x − f)/t")
+    p.add_argument(
+        "--ode",
+        action="store_true",
+        help="CM: deterministic ODE v = (x − f)/t (trigflow: (cos t·x − f)/sin t)",
+    )
     p.add_argument("--seed", type=int, default=0)
     add_device(p)
 

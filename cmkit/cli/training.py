@@ -86,7 +86,12 @@ def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 
 def _add_process(p: argparse.ArgumentParser, default: str = "edm") -> None:
-    p.add_argument("--process", choices=list(PROCESSES), help=f"noise process (default {default})")
+    p.add_argument(
+        "--process",
+        choices=list(PROCESSES),
+        help="noise process: edm (x₀ + σ·z), flow (rectified flow) or trigflow "
+        f"(cos t·x₀ + sin t·σ_d·z, sCM's TrigFlow; takes --sigma-data only); default {default}",
+    )
     edm = EDMProcess()
     for name, text in PROCESS_FLAGS.items():
         p.add_argument(flag(name), type=float, help=f"{text} (default {getattr(edm, name):g})")
@@ -146,7 +151,9 @@ def _options(cls: type, args: argparse.Namespace, **values):
 
 
 def add_train_teacher(sub) -> None:
-    p = sub.add_parser("train-teacher", help="train an EDM (or flow-matching) diffusion model")
+    p = sub.add_parser(
+        "train-teacher", help="train an EDM (flow-matching, TrigFlow) diffusion model"
+    )
     _add_run_options(p)
     _add_process(p)
 

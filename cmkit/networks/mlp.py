@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from cmkit.networks.embedding import SinusoidalEmbedding
+from cmkit.networks.embedding import make_embedding
 
 
 class ResidualBlock(nn.Module):
@@ -23,15 +23,25 @@ class ResidualBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual MLP over (B, D) vectors with a sinusoidal noise embedding. Output (B, D)."""
+    """Residual MLP over (B, D) vectors with a noise embedding. Output (B, D).
+
+    embedding: "positional" (sinusoidal, the default) or "fourier" (random Fourier features,
+    see networks.embedding); both run under forward-mode AD (torch.func.jvp).
+    """
 
     def __init__(
-        self, dim: int, hidden: int = 256, depth: int = 4, emb_dim: int = 64, dropout: float = 0.0
+        self,
+        dim: int,
+        hidden: int = 256,
+        depth: int = 4,
+        emb_dim: int = 64,
+        dropout: float = 0.0,
+        embedding: str = "positional",
     ) -> None:
         super().__init__()
         self.dim = dim
         self.embed = nn.Sequential(
-            SinusoidalEmbedding(emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU()
+            make_embedding(embedding, emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU()
         )
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim, dropout) for _ in range(depth))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkit.networks.embedding import SinusoidalEmbedding
+from cmkit.networks.embedding import make_embedding
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -24,6 +24,16 @@ def _zero(module: nn.Conv2d) -> nn.Conv2d:
     return module
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√C)·v, written out rather than F.scaled_dot_product_attention: the fused
+    CUDA kernels SDPA picks (flash, memory-efficient) have no forward-mode AD rule, so
+    torch.func.jvp (sCM) fails through them; this is SDPA's math path, equal to ~1e-7 in
+    float32, at the cost of an (H·W)² matrix per sample. Shapes: (B, N, C) each -> (B, N, C).
+    """
+    weights = torch.softmax(q @ k.transpose(1, 2) * q.shape[-1] ** -0.5, dim=-1)
+    return weights @ v
+
+
 class Attention(nn.Module):
     """Single-head self-attention over the H·W positions, residual. Shapes: (B, C, H, W) -> same."""
 
@@ -36,7 +46,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(2, 3).unbind(1)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H·W, C)
+        out = attention(q, k, v)  # (B, H·W, C)
         return x + self.proj(out.transpose(1, 2).reshape(b, c, h, w))
 
 
@@ -87,7 +97,9 @@ class UNet(nn.Module):
 
     Level i runs at resolution 2**-i of the input with channels * channel_mult[i] channels;
     attention_levels lists the levels (0 = full resolution) whose ResBlocks get self-attention;
-    listing the lowest level also puts attention in the middle block.
+    listing the lowest level also puts attention in the middle block. embedding: the c_noise
+    features, "positional" (sinusoidal, the default) or "fourier" (see networks.embedding).
+    Every op has a forward-mode AD rule on CPU and CUDA, so torch.func.jvp runs through it.
     Shapes: x (B, in_channels, H, W) with H, W divisible by 2**(levels-1), c_noise (B,).
     """
 
@@ -100,6 +112,7 @@ class UNet(nn.Module):
         attention_levels: tuple[int, ...] = (),
         emb_dim: int = 128,
         dropout: float = 0.0,
+        embedding: str = "positional",
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -112,7 +125,7 @@ class UNet(nn.Module):
             raise ValueError(f"attention_levels must lie in [0, {levels - 1}], got {bad}")
         self.in_channels = in_channels
         self.levels = levels
-        self.freq_embed = SinusoidalEmbedding(channels)
+        self.freq_embed = make_embedding(embedding, channels)
         self.emb_mlp = nn.Sequential(
             nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim), nn.SiLU()
         )
