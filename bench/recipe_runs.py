@@ -5,11 +5,15 @@ set, each with its default options, each keeping its EMA weights at every checkp
 A run that exists is resumed (or reused when complete), so an interrupted bench continues.
 """
 
+import json
 from pathlib import Path
 
 from cmkit import recipes
 from cmkit.data import load_data
+from cmkit.generate import Model
+from cmkit.networks.zoo import build_network
 from cmkit.process import EDMProcess, TrigFlowProcess
+from cmkit.runs import load_config, load_weights
 
 CM_RUNS = ("cd", "ict", "ect", "sct", "scd")
 LABELS = {"cd": "CD", "ict": "iCT", "ect": "ECT", "sct": "sCT", "scd": "sCD"}
@@ -63,3 +67,21 @@ def train_runs(out: Path, data: str, scale: float = 1.0, only: tuple[str, ...] =
                 keep_history=name != "teacher",
             )
         )
+
+
+def history(run_dir: Path) -> list[tuple[int, float, Model]]:
+    """(step, training seconds, model with that checkpoint's EMA weights), by step."""
+    config = load_config(run_dir)
+    index = json.loads((run_dir / "history" / "index.json").read_text())
+    out = []
+    for step, seconds in sorted(index.items(), key=lambda kv: int(kv[0])):
+        net = build_network(config.network)
+        load_weights(net, run_dir / "history" / f"ema-{int(step):08d}.safetensors")
+        out.append((int(step), seconds, Model(config, config.process.consistency(net.eval()))))
+    return out
+
+
+def first_below(curve: list[tuple[int, float, float]], threshold: float) -> tuple[int, float] | None:
+    """(step, seconds) of the first point of a (step, seconds, ratio) curve at or below
+    `threshold`, or None when it never gets there."""
+    return next(((step, sec) for step, sec, q in curve if q <= threshold), None)
