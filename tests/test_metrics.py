@@ -1,12 +1,20 @@
 """Metrics against values worked out by hand on tiny inputs, and their basic behaviour."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cmkit.features import load_digitsnet, make_extractor, train_classifier
+from cmkit.features import (
+    MNISTNET_WEIGHTS,
+    accuracy,
+    load_digitsnet,
+    load_mnistnet,
+    make_extractor,
+    train_classifier,
+)
 from cmkit.metrics import (
     energy_distance,
     extract_features,
@@ -208,6 +216,22 @@ def test_digitsnet_classifies_held_out_digits():
     with torch.no_grad():
         acc = (load_digitsnet()(x).argmax(1).numpy() == d.target[held]).mean()
     assert acc > 0.97
+
+
+def test_mnistnet_is_the_default_for_28x28_and_ships_small():
+    assert MNISTNET_WEIGHTS.stat().st_size < 1_000_000
+    extractor = make_extractor(None, (1, 28, 28))
+    assert extractor.name == "mnistnet" and extractor.num_features == 48
+    features = extractor(torch.rand(3, 1, 28, 28))
+    assert features.shape == (3, 48) and torch.isfinite(features).all()
+    assert make_extractor(None, (1, 27, 27)).name == "pixels"
+
+
+@pytest.mark.skipif(not Path("/work/shared/data/mnist.npz").is_file(), reason="no local MNIST copy")
+def test_mnistnet_classifies_mnist_test_images():
+    with np.load("/work/shared/data/mnist.npz") as f:
+        x, y = f["x_test"][:2000, None] / 255.0, f["y_test"][:2000]
+    assert accuracy(load_mnistnet(), x, y) > 0.97
 
 
 def test_classifier_training_is_reproducible():
