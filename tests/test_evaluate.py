@@ -189,3 +189,16 @@ def test_scores_do_not_depend_on_the_reference_row_order():
     assert flat["KID-pixels"] == pytest.approx(ordered["KID-pixels"], abs=1e-3)
     for metric in ("precision", "recall"):
         assert flat[metric] == pytest.approx(ordered[metric], abs=0.03), metric
+
+
+def test_eval_of_a_28x28_run_reports_mnistnet_features(tmp_path):
+    """An MNIST-shaped run (IDX file, as MNIST ships) is scored on the shipped mnistnet."""
+    images = np.random.default_rng(0).integers(0, 256, size=(100, 28, 28), dtype=np.uint8)
+    data = tmp_path / "train-images-idx3-ubyte"
+    data.write_bytes(b"\0\0\x08\x03" + np.array(images.shape, ">u4").tobytes() + images.tobytes())
+    run, out = tmp_path / "run", tmp_path / "m.json"
+    args = ["--steps", "2", "--batch-size", "8", "--no-progress"]
+    assert run_cli("train", "--data", data, "--out", run, *args) == 0
+    assert run_cli("eval", "--model", run, "--nfe", "1", "--n", 20, "--json", out) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert {"FD-mnistnet", "KID-mnistnet", "FD-pixels", "near-bg"} <= set(row)
