@@ -3,8 +3,13 @@
 For each data set, trains (or reuses, in --runs) a teacher, its CD student and an iCT run with
 the library's default recipe, tunes the CMs' multistep times on the training split, and scores
 every sampler against the held-out split: teacher Euler and Heun at 1–35 evaluations, CD and
-iCT at 1, 2 and 4 steps. Writes the tables and Q1/Q2 into BENCHMARKS.md between markers and
-a plot of metric against NFE to bench/quality-<data>.png, one section per data set.
+iCT at 1, 2 and 4 steps. The floor row is real data (the training split, at most n samples)
+scored like generated samples. Against only 180 held-out digits real data itself scores FD
+0.97, close to the teacher, which compresses the ratios to the teacher; so each sampler's
+excess over the floor (metric − floor; FD∞ for images, which puts the floor's 1617 samples
+and the samplers' 2000 on one footing) is reported beside the ratios, with the raw-pixel FD
+and the pixel-range statistics. Writes the tables and Q1/Q2 into BENCHMARKS.md between
+markers and a plot of metric against NFE to bench/quality-<data>.png, one section per set.
 
     python bench/quality.py [--data digits,moons,8gaussians] [--runs bench_runs/quality]
     python bench/quality.py --data mnist     # MNIST from ../shared/data/mnist.npz (slow)
@@ -23,9 +28,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
 
-from cmkit.data import run_splits  # noqa: E402
-from cmkit.evaluate import Scorer, evaluate, make_scorer, tune_times  # noqa: E402
-from cmkit.features import named_extractor, train_classifier  # noqa: E402
+from cmkit.evaluate import (  # noqa: E402
+    Reference,
+    Scorer,
+    evaluate,
+    make_scorer,
+    reference_splits,
+    tune_times,
+)
 from cmkit.generate import load_model  # noqa: E402
 from cmkit.quickstart import train_all  # noqa: E402
 from cmkit.runs import store_times  # noqa: E402
@@ -34,21 +44,24 @@ ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 TEACHER_NFE = [1, 2, 4, 8, 18, 35]
 CM_STEPS = [1, 2, 4]
+CM_RUNS = ("cd", "ict")  # consistency runs trained, tuned and scored beside the teacher
+# Measured on a digits teacher (Heun 35, 2000 samples), FD-digitsnet: against the held-out
+# split real data scores 0.97 (FD∞ 0.86), the teacher 1.26 (1.17). Against the training split
+# the teacher scores 0.215, but only 180 real digits lie outside it: at those 180 real data
+# scores 0.97 and the teacher 1.11 (subsets of 180), and FD∞ on 180 samples of 64 features is
+# unreliable (−0.41). No reference of the 1797 digits puts real data at ≤ 1/3 of the teacher
+# at matched sizes; the held-out one at least measures its floor at a matched size.
+REFERENCE = "heldout"
 
 
-def mnist_features():
-    """MNIST is scored on a classifier trained here on its labelled training images."""
-    with np.load(MNIST) as f:
-        x, y = f["x_train"][:, None] / 255.0, f["y_train"]
-    return named_extractor(train_classifier(x.astype(np.float32), y, epochs=2), "mnistnet")
-
-
-def scorers(name: str, model, train: np.ndarray, held: np.ndarray) -> tuple[Scorer, Scorer]:
-    """(held-out scorer for the tables, training-split scorer for tuning the CMs' times)."""
-    if name != "mnist":
-        return make_scorer(model, held), make_scorer(model, train)
-    features = mnist_features()
-    return Scorer(held, model.scaler, features), Scorer(train[:5000], model.scaler, features)
+def scorers(model) -> tuple[Scorer, Scorer, Reference]:
+    """(scorer for the tables, training-split scorer for tuning the CMs' times, the tables'
+    reference with its real-data floor). Images (digits: digitsnet, MNIST: the shipped
+    mnistnet) add FD∞."""
+    images = len(model.shape) == 3
+    reference = reference_splits(model, REFERENCE)
+    tune_scorer = make_scorer(model, reference_splits(model, "train").data)
+    return make_scorer(model, reference.data, fd_inf=images), tune_scorer, reference
 
 
 def tune(run_dir: Path, scorer: Scorer, n: int) -> dict[str, list[float]]:
@@ -67,22 +80,20 @@ def run_data(name: str, runs: Path, scale: float, n: int | None) -> dict:
     train_all(out, scale, "cpu", progress=False, data=spec)
     seconds = {  # training time as recorded by each run, so reused runs report it too
         run: json.loads((out / run / "state.json").read_text())["seconds"]
-        for run in ("teacher", "cd", "ict")
+        for run in ("teacher", *CM_RUNS)
     }
     teacher = load_model(str(out / "teacher"))
-    train, held = run_splits(teacher.config.data)
-    scorer, tune_scorer = scorers(name, teacher, train, held)
+    scorer, tune_scorer, reference = scorers(teacher)
     n = n or (2000 if len(teacher.shape) == 3 else 5000)
-    result = {"name": name, "seconds": seconds, "n": n, "reference": len(scorer.reference)}
-    # the floor: real training samples scored like generated ones
-    real = train[np.random.default_rng(0).choice(len(train), min(n, len(train)), replace=False)]
-    rows = [{"sampler": "real data (training split)", "nfe": 0, **scorer(real)}]
+    result = {"name": name, "seconds": seconds, "n": n, "reference": reference.label}
+    result["excess_key"] = scorer.primary.replace("FD-", "FD∞-") if scorer.fd_inf else "ED"
+    rows = [floor_row(scorer, reference, n)]
     rows += [
         {**row, "sampler": f"teacher {row['sampler']}"}
         for row in evaluate(teacher, scorer, TEACHER_NFE, n)
     ]
     result["tuned"] = {}
-    for run in ("cd", "ict"):
+    for run in CM_RUNS:
         result["tuned"][run] = tune(out / run, tune_scorer, min(n, 2000))
         rows += [
             {**row, "sampler": f"{run.upper()} {row['sampler']}"}
@@ -91,27 +102,49 @@ def run_data(name: str, runs: Path, scale: float, n: int | None) -> dict:
     return {**result, "rows": rows, "primary": scorer.primary}
 
 
+def floor_row(scorer: Scorer, reference: Reference, n: int) -> dict:
+    """Real data outside the reference (at most n, seeded) scored like generated samples."""
+    real = reference.floor
+    real = real[np.random.default_rng(0).choice(len(real), min(n, len(real)), replace=False)]
+    return {"sampler": f"real data ({len(real)}, floor)", "nfe": 0, **scorer(real)}
+
+
+def _cm_label(run: str, k: int) -> str:
+    return f"{run.upper()} {k} step" + ("s" if k > 1 else "")
+
+
 def ratios(result: dict) -> dict[str, float]:
-    """Q_k = metric(CM k steps) / metric(teacher Heun 35 NFE), per CM."""
+    """Q_k = metric(CM k steps) / metric(teacher Heun 35 NFE), per CM, on the headline metric."""
     key = result["primary"]
     by = {(r["sampler"], r["nfe"]): r[key] for r in result["rows"]}
     base = by[("teacher heun", 35)]
-    return {
-        f"{run} Q{k}": by[(f"{run} {k} step" + ("s" if k > 1 else ""), k)] / base
-        for run in ("CD", "ICT")
-        for k in (1, 2)
-    }
+    return {f"{run.upper()} Q{k}": by[(_cm_label(run, k), k)] / base
+            for run in CM_RUNS for k in (1, 2)}  # fmt: skip
+
+
+def excess(result: dict) -> dict[str, float]:
+    """metric − metric(real-data floor) for teacher Heun 35 and each CM at 1 and 2 steps: how
+    far above what real data itself scores, on FD∞ for images (ED for vectors)."""
+    key = result["excess_key"]
+    by = {(r["sampler"], r["nfe"]): r[key] for r in result["rows"]}
+    floor = result["rows"][0][key]
+    labels = [("teacher heun", 35)] + [(_cm_label(run, k), k) for run in CM_RUNS for k in (1, 2)]
+    return {f"{label} ({nfe})" if label.startswith("teacher") else label: by[(label, nfe)] - floor
+            for label, nfe in labels}  # fmt: skip
 
 
 def plot(result: dict, path: Path) -> None:
-    """Headline metric against NFE (log-log), with the real-data floor."""
+    """The excess metric (FD∞ for images, ED for vectors) against NFE (log-log), with the
+    real-data floor: FD∞ lets the floor's few samples sit on the same scale as 2000."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    key = result["primary"]
-    for prefix, style in [("teacher euler", "o--"), ("teacher heun", "s--"),
-                          ("CD", "o-"), ("ICT", "^-")]:  # fmt: skip
-        rows = [r for r in result["rows"] if r["sampler"].startswith(prefix)]
+    key = result["excess_key"]
+    styles = [("teacher euler", "o--"), ("teacher heun", "s--")]
+    styles += [(run.upper(), m + "-") for run, m in zip(CM_RUNS, "o^vDx*", strict=False)]
+    for prefix, style in styles:
+        rows = [r for r in result["rows"] if f"{r['sampler']} ".startswith(prefix + " ")]
         ax.plot([r["nfe"] for r in rows], [r[key] for r in rows], style, label=prefix)
-    ax.axhline(result["rows"][0][key], color="grey", lw=0.8, ls=":", label="real data")
+    if result["rows"][0][key] > 0:  # FD∞ of real data can fall just below 0: off a log axis
+        ax.axhline(result["rows"][0][key], color="grey", lw=0.8, ls=":", label="real data")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations (NFE)")
@@ -128,8 +161,9 @@ def markdown(result: dict) -> list[str]:
     lines = [
         f"### {result['name']}",
         "",
-        f"{result['n']} samples against {result['reference']} held-out samples; "
-        f"headline metric {result['primary']}. Training: "
+        f"{result['n']} samples against the {result['reference']}; headline metric "
+        f"{result['primary']}, excess over the real-data floor in {result['excess_key']}. "
+        "Training: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result["seconds"].items())
         + ". Tuned times: "
         + "; ".join(
@@ -147,10 +181,13 @@ def markdown(result: dict) -> list[str]:
         lines.append(
             f"| {row['sampler']} | {nfe} | " + " | ".join(f"{row[m]:.4g}" for m in metrics) + " |"
         )
-    q = ratios(result)
+    q, e = ratios(result), excess(result)
     lines += [
         "",
         "Ratios to teacher Heun at 35 NFE: " + ", ".join(f"{k} = {v:.2f}" for k, v in q.items()),
+        "",
+        f"Excess over the real-data floor ({result['excess_key']} − floor): "
+        + ", ".join(f"{k} = {v:.3g}" for k, v in e.items()),
         "",
     ]
     return lines

@@ -5,6 +5,7 @@ images in [-1, 1], vectors with per-dimension mean 0 and std σ_data. Nothing is
 built-ins are scikit-learn's bundled digits or generated from a fixed seed.
 """
 
+import gzip
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from cmkit.noise import SIGMA_DATA
 
 TOY_SAMPLES = 20000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes: magic 0x00000803 for (N, H, W) images
 GRAY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "F")
 
 
@@ -84,7 +86,8 @@ def load_data(spec: str) -> np.ndarray:
 
     spec is "digits" (sklearn's 8x8 digits, 0..16), "tinted-digits" (the same in colour,
     3x8x8), a name from BUILTIN_TOYS (20000 2-D points, the same on every call), a .npy/.npz
-    file, or a folder of .png/.jpg images (0..255).
+    file, an IDX image file such as MNIST's train-images-idx3-ubyte (optionally .gz; 0..255),
+    or a folder of .png/.jpg images (0..255).
     """
     if spec == "digits":
         return load_digits().images[:, None].astype(np.float32)
@@ -97,11 +100,56 @@ def load_data(spec: str) -> np.ndarray:
         return _validate(_load_image_folder(path), spec)
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
         return _validate(_load_numpy(path), spec)
+    if path.is_file() and is_idx(path):
+        return _validate(_load_idx_images(path), spec)
     builtins = ", ".join(("digits", "tinted-digits", *BUILTIN_TOYS))
     raise UserError(
         f"unknown data {spec!r}: expected a built-in ({builtins}) "
-        "or a path to an existing .npy/.npz file or a folder of images"
+        "or a path to an existing .npy/.npz file, IDX file (*-ubyte[.gz]) or folder of images"
     )
+
+
+def is_idx(path: Path) -> bool:
+    """MNIST's naming: train-images-idx3-ubyte, t10k-labels.idx1-ubyte, either gzipped."""
+    return path.name.lower().removesuffix(".gz").endswith("ubyte")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The uint8 array of an IDX file (LeCun's MNIST format), optionally gzipped.
+
+    Header: two zero bytes, the type code 0x08 (unsigned byte), the number of dimensions, then
+    each dimension as a big-endian uint32; the data follows in C order. Images of MNIST are
+    (N, 28, 28) (magic 0x00000803), its labels (N,) (magic 0x00000801).
+    """
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"cannot read {path} ({e}); expected an IDX file, gzipped or not") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != IDX_UBYTE or not 1 <= raw[3] <= 4:
+        raise UserError(
+            f"{path} does not start with an IDX header of unsigned bytes; expected magic "
+            "0x00000803 (images) or 0x00000801 (labels)"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4)) if len(raw) >= header else ()
+    if len(dims) != ndim or len(raw) - header != int(np.prod(dims, dtype=np.int64)):
+        raise UserError(
+            f"{path} holds {max(len(raw) - header, 0)} data bytes; its IDX header promises "
+            f"shape {dims or '(truncated)'}, expected exactly one byte per value"
+        )
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def _load_idx_images(path: Path) -> np.ndarray:
+    """IDX images (N, H, W) -> (N, 1, H, W); a label file is refused by name."""
+    x = read_idx(path)
+    if x.ndim != 3:
+        raise UserError(
+            f"{path} is an IDX array of shape {x.shape}; expected (N, H, W) images "
+            "(magic 0x00000803), not labels"
+        )
+    return x[:, None]
 
 
 def _load_numpy(path: Path) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Quality against network evaluations: score a run's samples at several NFEs, tune τ.
 
 A `Scorer` holds a reference set and the metrics for its kind of data (vectors: energy
-distance, sliced Wasserstein, MMD; images: Fréchet distance, KID and k-NN precision/recall on
-an extractor's features). `evaluate` samples a run at each NFE asked and scores it;
+distance, sliced Wasserstein, MMD; images: Fréchet distance (optionally FD∞), KID and k-NN
+precision/recall on an extractor's features, the Fréchet distance on raw pixels and the
+pixel-range statistics). `reference_splits` picks the reference and the real data that
+measures its floor. `evaluate` samples a run at each NFE asked and scores it;
 `tune_times` searches the intermediate times of multistep sampling (the paper's ternary
 search) against the training split, so the held-out split stays unseen.
 """
@@ -25,9 +27,11 @@ from cmkit.metrics import (
     energy_distance,
     extract_features,
     frechet_distance,
+    frechet_distance_inf,
     kernel_distance,
     knn_precision_recall,
     mmd_rbf,
+    pixel_range_stats,
     sliced_wasserstein,
 )
 from cmkit.sampling import check_times
@@ -54,6 +58,7 @@ class Scorer:
     reference: np.ndarray  # (m, ...) in the user's units
     scaler: datalib.Scaler  # maps images to model units [-1, 1], hence to [0, 1] features
     extractor: nn.Module | None = None  # images only
+    fd_inf: bool = False  # images: add FD∞, the Fréchet distance extrapolated to N → ∞
 
     @property
     def primary(self) -> str:
@@ -64,6 +69,11 @@ class Scorer:
     def reference_features(self) -> torch.Tensor:
         """Extracted once: tuning scores many sample sets against the same reference."""
         return self._features(self.reference)
+
+    @cached_property
+    def reference_pixels(self) -> torch.Tensor:
+        """(m, C·H·W) raw pixels of the reference on the unit scale, for FD-pixels."""
+        return _pixels(self._unit(self.reference))
 
     def primary_value(self, samples: np.ndarray) -> float:
         """The headline metric alone: what tuning minimises."""
@@ -82,23 +92,41 @@ class Scorer:
                 "SWD": sliced_wasserstein(x, y),
                 "MMD": mmd_rbf(subsample(x, MMD_POINTS), subsample(y, MMD_POINTS)),
             }
-        x, y = self._features(samples), self.reference_features
+        return self._image_metrics(samples)
+
+    def _image_metrics(self, samples: np.ndarray) -> dict[str, float]:
+        """FD (and FD∞), KID, precision/recall on the features; FD on raw pixels; pixel stats."""
+        unit = self._unit(samples)
+        x, y = extract_features(self.extractor, unit), self.reference_features
         precision, recall = knn_precision_recall(subsample(y, MMD_POINTS), subsample(x, MMD_POINTS))
         name = self.extractor.name
-        return {
-            f"FD-{name}": frechet_distance(y, x),
-            f"KID-{name}": kernel_distance(y, x),
-            "precision": precision,
-            "recall": recall,
-        }
+        out = {f"FD-{name}": frechet_distance(y, x)}
+        if self.fd_inf:
+            out[f"FD∞-{name}"] = frechet_distance_inf(y, x)
+        out |= {f"KID-{name}": kernel_distance(y, x), "precision": precision, "recall": recall}
+        if name != "pixels":  # else FD-pixels is the headline already
+            out["FD-pixels"] = frechet_distance(self.reference_pixels, _pixels(unit))
+        stats = pixel_range_stats(unit)
+        return out | {"near-bg": stats.near_background, "out-of-range": stats.out_of_range}
+
+    def _unit(self, images: np.ndarray) -> np.ndarray:
+        """Images in the user's units on the [0, 1] scale extractors read, unclipped."""
+        return datalib.to_unit(self.scaler.to_model(images))
 
     def _features(self, images: np.ndarray) -> torch.Tensor:
         """Features of images in the user's units, which the extractor reads in [0, 1]."""
-        return extract_features(self.extractor, datalib.to_unit(self.scaler.to_model(images)))
+        return extract_features(self.extractor, self._unit(images))
 
 
-def make_scorer(model: Model, reference: np.ndarray, features: str | None = None) -> Scorer:
-    """A scorer for the model's data kind; the reference must have the model's sample shape."""
+def _pixels(unit: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(unit, dtype=np.float64)).flatten(1)
+
+
+def make_scorer(
+    model: Model, reference: np.ndarray, features: str | None = None, fd_inf: bool = False
+) -> Scorer:
+    """A scorer for the model's data kind; the reference must have the model's sample shape.
+    fd_inf adds the FD∞ column for images (slower: eight FDs per sample set)."""
     if tuple(reference.shape[1:]) != model.shape:
         raise UserError(
             f"reference data has samples of shape {tuple(reference.shape[1:])}; "
@@ -110,8 +138,10 @@ def make_scorer(model: Model, reference: np.ndarray, features: str | None = None
     images = len(model.shape) == 3
     if features is not None and not images:
         raise OptionError("features", "applies to image data; vectors are scored directly")
+    if fd_inf and not images:
+        raise OptionError("fd_inf", "applies to image data; vectors have no Fréchet distance")
     extractor = make_extractor(features, model.shape) if images else None
-    return Scorer(reference, model.scaler, extractor)
+    return Scorer(reference, model.scaler, extractor, fd_inf)
 
 
 def held_out(model: Model, data_spec: str | None) -> np.ndarray:
@@ -125,6 +155,44 @@ def held_out(model: Model, data_spec: str | None) -> np.ndarray:
             "this run was trained on all of its data (holdout 0); pass --data with held-out data"
         )
     return x
+
+
+REFERENCES = ("heldout", "train", "all")
+
+
+@dataclass
+class Reference:
+    """A reference set of a run's data and the real data that scores its floor."""
+
+    which: str  # one of REFERENCES
+    data: np.ndarray  # the reference, user's units
+    floor: np.ndarray  # real samples outside the reference, scored as if generated
+    label: str  # for reports, e.g. "training split (1617)"
+
+
+def reference_splits(model: Model, which: str = "heldout") -> Reference:
+    """The reference `which` of the run's data and its real-data floor.
+
+    heldout: the held-out split, floored by the training split (the default; with 180 digits
+    real data itself scores FD 0.97, about the teacher's). train: the training split, floored
+    by the held-out split (use FD∞ for so few floor samples); the teacher was fitted to this
+    split, so a model that memorised it could score below the floor. all: both splits; no
+    real data lies outside it, so its floor is the held-out split, inside the reference, and
+    flatters real data.
+    """
+    if which not in REFERENCES:
+        raise OptionError("reference", f"expected one of {', '.join(REFERENCES)}, got {which!r}")
+    train, held = datalib.run_splits(model.config.data)
+    if len(held) == 0:
+        raise UserError(
+            "this run was trained on all of its data (holdout 0); pass --data with held-out data"
+        )
+    if which == "heldout":
+        return Reference(which, held, train, f"held-out split ({len(held)})")
+    if which == "train":
+        return Reference(which, train, held, f"training split ({len(train)})")
+    data = np.concatenate([train, held])
+    return Reference(which, data, held, f"training + held-out splits ({len(data)})")
 
 
 def training_split(model: Model) -> np.ndarray:

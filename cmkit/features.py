@@ -1,7 +1,8 @@
 """Feature extractors for image metrics: images in [0, 1], shape (N, C, H, W) → (N, F).
 
-`digitsnet` is a small classifier trained on the built-in digits' training split; its
-weights ship in the package and `scripts/train_digitsnet.py` reproduces them. `pixels` uses
+`digitsnet` is a small classifier trained on the built-in digits' training split, `mnistnet`
+one trained on MNIST's 60000 training images; their weights ship in the package and
+`scripts/train_digitsnet.py`, `scripts/train_mnistnet.py` reproduce them. `pixels` uses
 the raw pixels. `inception` is the standard FID network, where the user has its weights;
 a path loads the user's own TorchScript (or torch.export .pt2) module. Metrics are named
 after the features: only Inception features make an "FID".
@@ -18,6 +19,8 @@ from torch import nn
 from cmkit.errors import OptionError, UserError
 
 DIGITSNET_WEIGHTS = Path(__file__).parent / "assets" / "digitsnet.safetensors"
+MNISTNET_WEIGHTS = Path(__file__).parent / "assets" / "mnistnet.safetensors"
+MNISTNET_WIDTH = 24  # narrower than digitsnet's 32, so the shipped weights stay under 1 MB
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's cache name
 
 
@@ -67,16 +70,17 @@ def named_extractor(net: SmallClassifier, name: str) -> nn.Module:
 
 
 def train_classifier(
-    images: np.ndarray, labels: np.ndarray, epochs: int = 40, seed: int = 0
+    images: np.ndarray, labels: np.ndarray, epochs: int = 40, seed: int = 0, width: int = 32
 ) -> SmallClassifier:
-    """Train a SmallClassifier on images in [0, 1]; deterministic on one CPU thread."""
+    """Train a SmallClassifier on images (N, C, H, W) in [0, 1]; deterministic on one CPU
+    thread."""
     x = torch.as_tensor(images, dtype=torch.float32)
     y = torch.as_tensor(labels, dtype=torch.long)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a fixed reduction order, so the weights are reproducible
     try:
         torch.manual_seed(seed)
-        net = SmallClassifier(x.shape[1], x.shape[2], int(y.max()) + 1)
+        net = SmallClassifier(x.shape[1], x.shape[2], int(y.max()) + 1, width)
         opt = torch.optim.Adam(net.parameters(), lr=2e-3)
         gen = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
@@ -88,22 +92,30 @@ def train_classifier(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        with torch.no_grad():
-            net.feature_rms.copy_(net.body(2 * x - 1).pow(2).mean().sqrt())
+        with torch.no_grad():  # in chunks: one pass over 60000 MNIST images would need GBs
+            body = torch.cat([net.body(2 * chunk - 1) for chunk in x.split(2000)])
+            net.feature_rms.copy_(body.pow(2).mean().sqrt())
     finally:
         torch.set_num_threads(threads)
     return net.eval()
 
 
 def accuracy(net: SmallClassifier, images: np.ndarray, labels: np.ndarray) -> float:
+    x = torch.as_tensor(images, dtype=torch.float32)
     with torch.no_grad():
-        pred = net(torch.as_tensor(images, dtype=torch.float32)).argmax(1)
-    return float((pred == torch.as_tensor(labels)).double().mean())
+        pred = torch.cat([net(chunk).argmax(1) for chunk in x.split(2000)])
+    return float((pred == torch.as_tensor(labels, dtype=torch.long)).double().mean())
 
 
 def load_digitsnet() -> SmallClassifier:
     net = SmallClassifier()
     net.load_state_dict(load_file(str(DIGITSNET_WEIGHTS)))
+    return net.eval()
+
+
+def load_mnistnet() -> SmallClassifier:
+    net = SmallClassifier(size=28, width=MNISTNET_WIDTH)
+    net.load_state_dict(load_file(str(MNISTNET_WEIGHTS)))
     return net.eval()
 
 
@@ -149,16 +161,30 @@ def _torchscript(path: Path, shape: tuple[int, ...]) -> nn.Module:
     return _Features(module, probe.flatten(1).shape[1], path.stem)
 
 
+SHIPPED = {  # name: (the image shape it reads, its loader)
+    "digitsnet": ((1, 8, 8), load_digitsnet),
+    "mnistnet": ((1, 28, 28), load_mnistnet),
+}
+
+
+def default_features(shape: tuple[int, ...]) -> str:
+    """The shipped network trained on images of this shape, else raw pixels."""
+    return next((name for name, (s, _) in SHIPPED.items() if s == tuple(shape)), "pixels")
+
+
 def make_extractor(name: str | None, shape: tuple[int, ...]) -> nn.Module:
     """The extractor for images of `shape` (C, H, W): named, a TorchScript path, or the default
-    (digitsnet for 1×8×8 images, raw pixels otherwise). Its `.name` labels the metrics."""
-    name = name or ("digitsnet" if tuple(shape) == (1, 8, 8) else "pixels")
-    if name == "digitsnet":
-        if tuple(shape) != (1, 8, 8):
+    (digitsnet for 1×8×8 images, mnistnet for 1×28×28, raw pixels otherwise). Its `.name`
+    labels the metrics."""
+    name = name or default_features(shape)
+    if name in SHIPPED:
+        reads, load = SHIPPED[name]
+        if tuple(shape) != reads:
             raise UserError(
-                f"--features digitsnet reads 1x8x8 images, got {'x'.join(map(str, shape))}"
+                f"--features {name} reads {'x'.join(map(str, reads))} images, "
+                f"got {'x'.join(map(str, shape))}"
             )
-        return named_extractor(load_digitsnet(), "digitsnet")
+        return named_extractor(load(), name)
     if name == "pixels":
         return _Features(lambda x: x, int(np.prod(shape)), "pixels")
     if name == "inception":
@@ -166,6 +192,7 @@ def make_extractor(name: str | None, shape: tuple[int, ...]) -> nn.Module:
     path = Path(name)
     if not path.is_file():
         raise UserError(
-            f"--features {name!r}: expected digitsnet, pixels, inception or a TorchScript file"
+            f"--features {name!r}: expected digitsnet, mnistnet, pixels, inception or a "
+            "TorchScript file"
         )
     return _torchscript(path, tuple(shape))

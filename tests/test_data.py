@@ -1,10 +1,23 @@
+import gzip
+import hashlib
 import json
+import re
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cmkit.data import BUILTIN_TOYS, Scaler, describe, load_data, load_image, split_holdout
+from cmkit.data import (
+    BUILTIN_TOYS,
+    Scaler,
+    describe,
+    load_data,
+    load_image,
+    read_idx,
+    split_holdout,
+)
 from cmkit.errors import UserError
 
 
@@ -64,6 +77,62 @@ def test_npz_x_train_gets_channel_axis(tmp_path):
     x = load_data(str(path))
     assert x.shape == (7, 1, 28, 28) and x.dtype == np.float32
     np.testing.assert_array_equal(x[:, 0], images)
+
+
+MNIST_NPZ = Path("/work/shared/data/mnist.npz")  # a development copy; the library never needs it
+
+
+def idx_bytes(a: np.ndarray, magic: bytes = b"\0\0\x08") -> bytes:
+    """An IDX file by hand: magic, ndim, big-endian uint32 dims, then the bytes."""
+    return magic + bytes([a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes()
+
+
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "t10k-images.idx3-ubyte.gz"])
+def test_idx_images_get_a_channel_axis(tmp_path, name):
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 4, 3), dtype=np.uint8)
+    data = idx_bytes(images)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    x = load_data(str(path))
+    assert x.shape == (5, 1, 4, 3) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[:, 0], images)
+    labels = np.arange(5, dtype=np.uint8)
+    (tmp_path / "labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    np.testing.assert_array_equal(read_idx(tmp_path / "labels-idx1-ubyte"), labels)
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (idx_bytes(np.zeros((2, 3, 3), np.uint8), b"\0\0\x0d"), "magic 0x00000803"),  # float32
+        (b"\x1f\x8b garbage", "magic 0x00000803"),
+        (idx_bytes(np.zeros((2, 3, 3), np.uint8))[:-1], "promises shape (2, 3, 3)"),
+        (b"\0\0\x08\x03\0\0", "(truncated)"),
+        (idx_bytes(np.zeros(4, np.uint8)), "not labels"),
+    ],
+)
+def test_bad_idx_files_are_one_line_errors(tmp_path, content, needle):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(needle)) as err:
+        load_data(str(path))
+    assert str(path) in str(err.value) and len(str(err.value).splitlines()) == 1
+    gz = tmp_path / "x-ubyte.gz"
+    gz.write_bytes(b"not gzip")
+    with pytest.raises(UserError, match="expected an IDX file, gzipped or not"):
+        load_data(str(gz))
+
+
+@pytest.mark.skipif(not MNIST_NPZ.is_file(), reason="no local MNIST copy")
+def test_mnist_npz_and_its_idx_form_load_alike(tmp_path):
+    """The README of the copy gives the MD5 of the official train-images-idx3-ubyte."""
+    x = load_data(str(MNIST_NPZ))
+    assert x.shape == (60000, 1, 28, 28) and x.max() == 255
+    with np.load(MNIST_NPZ) as f:
+        data = idx_bytes(f["x_train"])
+    assert hashlib.md5(data).hexdigest() == "6bbc9ace898e44ae57da46a324031adb"
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(data)
+    np.testing.assert_array_equal(load_data(str(tmp_path / "train-images-idx3-ubyte")), x)
 
 
 def test_npz_single_array_and_ambiguous(tmp_path):

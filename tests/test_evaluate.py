@@ -8,7 +8,7 @@ import pytest
 from conftest import run_cli
 
 from cmkit.data import Scaler
-from cmkit.evaluate import MMD_POINTS, Scorer, _golden_min, plans
+from cmkit.evaluate import MMD_POINTS, Scorer, _golden_min, plans, reference_splits
 from cmkit.features import make_extractor
 from cmkit.generate import load_model
 
@@ -70,11 +70,47 @@ def test_eval_of_images_uses_named_features(runs, tmp_path):
     out = tmp_path / "d.json"
     assert run_cli("eval", "--model", runs / "digits", "--nfe", "1", "--n", 200, "--json", out) == 0
     row = json.loads(out.read_text())["rows"][0]
-    assert set(row) == {"sampler", "nfe", "FD-digitsnet", "KID-digitsnet", "precision", "recall"}
+    assert set(row) == {"sampler", "nfe", "FD-digitsnet", "KID-digitsnet", "precision", "recall",
+                        "FD-pixels", "near-bg", "out-of-range"}  # fmt: skip
     assert row["FD-digitsnet"] > 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    assert row["FD-pixels"] > 0 and 0 <= row["near-bg"] <= 1 and 0 <= row["out-of-range"] <= 1
     assert run_cli("eval", "--model", runs / "digits", "--nfe", "1", "--n", 200, "--features",
                    "pixels", "--json", out) == 0  # fmt: skip
-    assert "FD-pixels" in json.loads(out.read_text())["rows"][0]
+    row = json.loads(out.read_text())["rows"][0]
+    assert "FD-pixels" in row and "KID-pixels" in row and "near-bg" in row
+
+
+def test_eval_reference_choice_and_fd_inf(runs, tmp_path, capsys):
+    out = tmp_path / "d.json"
+    args = ["eval", "--model", runs / "digits", "--nfe", "1", "--n", 200, "--json", out]
+    assert run_cli(*args, "--reference", "train", "--fd-inf") == 0
+    report = json.loads(out.read_text())
+    assert report["reference_size"] == 1617 and report["reference"] == "training split (1617)"
+    row = report["rows"][0]
+    assert math.isfinite(row["FD∞-digitsnet"]) and "FD∞-digitsnet" in capsys.readouterr().out
+    assert run_cli(*args, "--reference", "all") == 0
+    assert json.loads(out.read_text())["reference_size"] == 1797
+
+
+def test_reference_splits_pair_each_reference_with_real_data_outside_it(runs):
+    model = load_model(str(runs / "digits"))
+    sizes = {w: (len(r.data), len(r.floor)) for w in ("heldout", "train", "all")
+             for r in [reference_splits(model, w)]}  # fmt: skip
+    assert sizes == {"heldout": (180, 1617), "train": (1617, 180), "all": (1797, 180)}
+    with pytest.raises(ValueError, match="reference expected one of heldout, train, all"):
+        reference_splits(model, "test")
+
+
+def test_scorer_pixel_columns_on_real_digits():
+    """Real digits scored against themselves: FD 0 on pixels, and their pixel statistics."""
+    from sklearn.datasets import load_digits
+
+    x = load_digits().images[:, None].astype(np.float32)
+    row = Scorer(x, Scaler.fit(x), make_extractor(None, (1, 8, 8)), fd_inf=True)(x)
+    assert row["FD-pixels"] == pytest.approx(0, abs=1e-6)
+    assert row["near-bg"] == pytest.approx(0.49, abs=0.01) and row["out-of-range"] == 0
+    # subsets of a set against the whole: FD(N) ≈ k(1/N − 1/M), so FD∞ ≈ −k/M, just below 0
+    assert -0.5 < row["FD∞-digitsnet"] < 0 and abs(row["FD-digitsnet"]) < 1e-3
 
 
 def test_tune_times_stores_times_that_sample_uses(runs, tmp_path, capsys):
@@ -103,8 +139,12 @@ def test_tune_times_stores_times_that_sample_uses(runs, tmp_path, capsys):
         (["tune-times", "--model", "{cd}", "--steps", "1"], "--steps must be >= 2"),
         (["eval", "--model", "{cd}", "--nfe", "0"], "--nfe values must be >= 1"),
         (["eval", "--model", "{cd}", "--features", "pixels"], "--features applies to image"),
+        (["eval", "--model", "{cd}", "--fd-inf"], "--fd-inf applies to image"),
+        (["eval", "--model", "{cd}", "--data", "moons", "--reference", "train"], "pass one"),
+        (["eval", "--model", "{cd}", "--features", "mnistnet"], "--features applies to image"),
+        (["eval", "--model", "{digits}", "--features", "mnistnet"], "mnistnet reads 1x28x28"),
         (["eval", "--model", "{cd}", "--data", "digits"], "reference data has samples of shape"),
-        (["eval", "--model", "{digits}", "--features", "nope.pt"], "expected digitsnet, pixels"),
+        (["eval", "--model", "{digits}", "--features", "nope.pt"], "expected digitsnet, mnistnet"),
         (["eval", "--model", "{digits}", "--features", "{bogus}"], "expected a TorchScript"),
         (["eval", "--model", "{cd}", "--n", "3"], "--n must be >= 10"),
         (["eval"], "--model is required"),
@@ -149,3 +189,16 @@ def test_scores_do_not_depend_on_the_reference_row_order():
     assert flat["KID-pixels"] == pytest.approx(ordered["KID-pixels"], abs=1e-3)
     for metric in ("precision", "recall"):
         assert flat[metric] == pytest.approx(ordered[metric], abs=0.03), metric
+
+
+def test_eval_of_a_28x28_run_reports_mnistnet_features(tmp_path):
+    """An MNIST-shaped run (IDX file, as MNIST ships) is scored on the shipped mnistnet."""
+    images = np.random.default_rng(0).integers(0, 256, size=(100, 28, 28), dtype=np.uint8)
+    data = tmp_path / "train-images-idx3-ubyte"
+    data.write_bytes(b"\0\0\x08\x03" + np.array(images.shape, ">u4").tobytes() + images.tobytes())
+    run, out = tmp_path / "run", tmp_path / "m.json"
+    args = ["--steps", "2", "--batch-size", "8", "--no-progress"]
+    assert run_cli("train", "--data", data, "--out", run, *args) == 0
+    assert run_cli("eval", "--model", run, "--nfe", "1", "--n", 20, "--json", out) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert {"FD-mnistnet", "KID-mnistnet", "FD-pixels", "near-bg"} <= set(row)

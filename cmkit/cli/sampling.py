@@ -85,15 +85,16 @@ def _add_scoring(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--features",
-        help="image features: digitsnet (default for 1x8x8), pixels (default otherwise), "
-        "inception (needs its weights locally), or a TorchScript file",
+        help="image features: digitsnet (default for 1x8x8), mnistnet (default for 1x28x28), "
+        "pixels (default otherwise), inception (needs its weights locally), or a TorchScript "
+        "file",
     )
     p.add_argument("--n", type=int, help="samples per evaluation (default 5000; images 2000)")
     p.add_argument("--seed", type=int, default=0)
     add_device(p)
 
 
-def _scoring(args: argparse.Namespace, reference):
+def _scoring(args: argparse.Namespace, reference, fd_inf: bool = False):
     """The model, its scorer against `reference(model)` data, and the sample count."""
     from cmkit.evaluate import make_scorer
     from cmkit.generate import load_model
@@ -103,7 +104,7 @@ def _scoring(args: argparse.Namespace, reference):
     n = args.n or (2000 if len(model.shape) == 3 else 5000)
     if n < 10:
         raise UserError(f"--n must be >= 10, got {n}")
-    return model, make_scorer(model, reference(model), args.features), n
+    return model, make_scorer(model, reference(model), args.features, fd_inf), n
 
 
 def add_eval(sub) -> None:
@@ -115,13 +116,33 @@ def add_eval(sub) -> None:
         help="network evaluations, e.g. 1,2,4 (default: 1,2,4 for a CM; "
         "1,2,4,8,18,35 with Euler and Heun for a teacher)",
     )
+    p.add_argument(
+        "--reference",
+        choices=("heldout", "train", "all"),
+        help="which of the run's data to score against: its held-out split (default), its "
+        "training split, or both",
+    )
+    p.add_argument(
+        "--fd-inf", action="store_true", help="images: add FD∞ (Chong & Forsyth 2020), slower"
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from cmkit.evaluate import evaluate, held_out, markdown_table
+    from cmkit.evaluate import evaluate, held_out, markdown_table, reference_splits
 
-    model, scorer, n = _scoring(args, lambda m: held_out(m, args.data))
+    if args.data and args.reference:
+        raise UserError("--data and --reference both choose the reference; pass one")
+    labels = {}
+
+    def reference(model):
+        if args.data:
+            return held_out(model, args.data)
+        chosen = reference_splits(model, args.reference or "heldout")
+        labels["reference"] = chosen.label
+        return chosen.data
+
+    model, scorer, n = _scoring(args, reference, args.fd_inf)
     default = [1, 2, 4] if model.kind != "teacher" else [1, 2, 4, 8, 18, 35]
     rows = evaluate(model, scorer, args.nfe or default, n, args.seed)
     print(f"{args.model}: {n} samples against {len(scorer.reference)} reference samples")
@@ -130,7 +151,7 @@ def evaluate(args: argparse.Namespace) -> None:
         report = {
             "model": str(args.model),
             "kind": model.kind,
-            "reference": args.data or "held-out split",
+            "reference": args.data or labels["reference"],
             "reference_size": len(scorer.reference),
             "n": n,
             "seed": args.seed,
