@@ -1,9 +1,11 @@
-"""Quality against network evaluations: teacher Euler/Heun against CD and iCT, side by side.
+"""Quality against network evaluations: teacher Euler/Heun against every consistency recipe.
 
-For each data set, trains (or reuses, in --runs) a teacher, its CD student and an iCT run with
-the library's default recipe, tunes the CMs' multistep times on the training split, and scores
-every sampler against the held-out split: teacher Euler and Heun at 1–35 evaluations, CD and
-iCT at 1, 2 and 4 steps. The floor row is real data (the training split, at most n samples)
+For each data set, trains (or reuses, in --runs) a teacher and, with each recipe's defaults,
+CD, iCT, ECT (tuned from the teacher), sCT and sCD (bench/recipe_runs.py); tunes the CMs'
+multistep times on the training split, and scores every sampler against the held-out split:
+teacher Euler and Heun at 1–35 evaluations, each CM at 1, 2 and 4 steps. A cost table gives
+the training minutes until one-step Q1 ≤ 1.25, from the EMA weights kept at every checkpoint
+(plotted to bench/quality-<data>-cost.png). The floor row is real data (the training split, at most n samples)
 scored like generated samples. Against only 180 held-out digits real data itself scores FD
 0.97, close to the teacher, which compresses the ratios to the teacher; so each sampler's
 excess over the floor (metric − floor; FD∞ for images, which puts the floor's 1617 samples
@@ -36,15 +38,16 @@ from cmkit.evaluate import (  # noqa: E402
     reference_splits,
     tune_times,
 )
-from cmkit.generate import load_model  # noqa: E402
-from cmkit.quickstart import train_all  # noqa: E402
+from cmkit.generate import generate, load_model  # noqa: E402
 from cmkit.runs import store_times  # noqa: E402
+from recipe_runs import CM_RUNS, LABELS, first_below, history, train_runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 TEACHER_NFE = [1, 2, 4, 8, 18, 35]
 CM_STEPS = [1, 2, 4]
-CM_RUNS = ("cd", "ict")  # consistency runs trained, tuned and scored beside the teacher
+COST_RUNS = ("cd", "ict", "ect", "sct", "scd")  # in the cost table
+COST_TARGET = 1.25  # Q1 the cost table times
 # Measured on a digits teacher (Heun 35, 2000 samples), FD-digitsnet: against the held-out
 # split real data scores 0.97 (FD∞ 0.86), the teacher 1.26 (1.17). Against the training split
 # the teacher scores 0.215, but only 180 real digits lie outside it: at those 180 real data
@@ -77,7 +80,7 @@ def tune(run_dir: Path, scorer: Scorer, n: int) -> dict[str, list[float]]:
 def run_data(name: str, runs: Path, scale: float, n: int | None) -> dict:
     spec = str(MNIST) if name == "mnist" else name
     out = runs / name
-    train_all(out, scale, "cpu", progress=False, data=spec)
+    train_runs(out, spec, scale)
     seconds = {  # training time as recorded by each run, so reused runs report it too
         run: json.loads((out / run / "state.json").read_text())["seconds"]
         for run in ("teacher", *CM_RUNS)
@@ -99,7 +102,52 @@ def run_data(name: str, runs: Path, scale: float, n: int | None) -> dict:
             {**row, "sampler": f"{run.upper()} {row['sampler']}"}
             for row in evaluate(load_model(str(out / run)), scorer, CM_STEPS, n)
         ]
+    base = next(r for r in rows if r["sampler"] == "teacher heun" and r["nfe"] == 35)
+    result["cost"] = cost_curves(out, scorer, base[scorer.primary], n)
     return {**result, "rows": rows, "primary": scorer.primary}
+
+
+def cost_curves(out: Path, scorer: Scorer, teacher: float, n: int) -> dict:
+    """Per CM run: (step, training seconds, one-step Q1) at every kept checkpoint."""
+    curves = {}
+    for run in COST_RUNS:
+        curves[run] = [
+            (step, seconds, scorer.primary_value(generate(model, n, steps=1)) / teacher)
+            for step, seconds, model in history(out / run)
+        ]
+    return curves
+
+
+def plot_cost(result: dict, path: Path) -> None:
+    """One-step Q1 against training minutes, per recipe, with the cost target."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for run, curve in result["cost"].items():
+        ax.plot([s / 60 for _, s, _ in curve], [q for _, _, q in curve], "o-", label=LABELS[run])
+    ax.axhline(COST_TARGET, color="grey", lw=0.8, ls=":", label=f"Q1 = {COST_TARGET}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel(f"one-step {result['primary']} / teacher Heun 35")
+    ax.set_title(f"{result['name']}: one-step quality against training time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cost_table(result: dict) -> list[str]:
+    lines = [
+        f"Training minutes until one-step Q1 ≤ {COST_TARGET} (EMA weights kept every 1/12 of "
+        "the run; minutes as each run recorded them, the bench alone on the machine):",
+        "",
+        "| recipe | steps | minutes | final Q1 | minutes per 1000 steps |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for run, curve in result["cost"].items():
+        hit = first_below(curve, COST_TARGET)
+        step, seconds, q = curve[-1]
+        where = f"{hit[0]} | {hit[1] / 60:.1f}" if hit else "not reached | –"
+        lines.append(f"| {LABELS[run]} | {where} | {q:.2f} | {seconds / step * 1000 / 60:.2f} |")
+    return lines + [""]
 
 
 def floor_row(scorer: Scorer, reference: Reference, n: int) -> dict:
@@ -193,15 +241,19 @@ def markdown(result: dict) -> list[str]:
     return lines
 
 
-def write(result: dict, command: str, plot_path: str) -> None:
+def write(result: dict, command: str, plot_path: str, cost_path: str) -> None:
     """One BENCHMARKS.md section per data set, each with the command that produced it."""
     body = [
         f"Measured {datetime.date.today()} on 2 CPU cores with `{command}`. "
-        "Targets: Q1 = metric(CD 1 step) / metric(teacher Heun 35) ≤ 1.10, Q2 (2 steps) ≤ 1.00.",
+        "Q_k = metric(CM, k steps) / metric(teacher Heun 35). Targets: ECT Q1 ≤ 1.10 and "
+        "Q2 ≤ 1.00, sCD Q2 ≤ 1.00, sCT Q1 ≤ 1.5 (digits); ECT Q1 ≤ 1.10, sCD Q1 ≤ 1.25 (toys).",
         "",
         f"![{result['name']}: quality against NFE]({plot_path})",
         "",
         *markdown(result)[2:],
+        f"![{result['name']}: one-step quality against training time]({cost_path})",
+        "",
+        *cost_table(result),
     ]
     table = "\n".join(body)
     print(table)
@@ -219,12 +271,13 @@ def main() -> None:
     start = time.perf_counter()
     for name in [d for d in args.data.split(",") if d]:
         result = run_data(name, Path(args.runs), args.scale, args.n)
-        plot_path = f"bench/quality-{name}.png"
+        plot_path, cost_path = f"bench/quality-{name}.png", f"bench/quality-{name}-cost.png"
         plot(result, ROOT / plot_path)
+        plot_cost(result, ROOT / cost_path)
         command = f"python bench/quality.py --data {name}"
         command += f" --scale {args.scale}" if args.scale != 1.0 else ""
         command += f" --n {args.n}" if args.n else ""
-        write(result, command, plot_path)
+        write(result, command, plot_path, cost_path)
     print(f"total {(time.perf_counter() - start) / 60:.1f} min")
 
 

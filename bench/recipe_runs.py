@@ -81,7 +81,9 @@ def history(run_dir: Path) -> list[tuple[int, float, Model]]:
     return out
 
 
-def first_below(curve: list[tuple[int, float, float]], threshold: float) -> tuple[int, float] | None:
+def first_below(
+    curve: list[tuple[int, float, float]], threshold: float
+) -> tuple[int, float] | None:
     """(step, seconds) of the first point of a (step, seconds, ratio) curve at or below
     `threshold`, or None when it never gets there."""
     return next(((step, sec) for step, sec, q in curve if q <= threshold), None)

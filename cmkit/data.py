@@ -122,7 +122,11 @@ def read_idx(path: Path) -> np.ndarray:
     (N, 28, 28) (magic 0x00000803), its labels (N,) (magic 0x00000801).
     """
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
+        raw = (
+            gzip.decompress(path.read_bytes())
+            if path.suffix.lower() == ".gz"
+            else path.read_bytes()
+        )
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise UserError(f"cannot read {path} ({e}); expected an IDX file, gzipped or not") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != IDX_UBYTE or not 1 <= raw[3] <= 4:
