@@ -5,8 +5,8 @@ CD, iCT, ECT (tuned from the teacher), sCT and sCD (bench/recipe_runs.py); tunes
 multistep times on the training split, and scores every sampler against the held-out split:
 teacher Euler and Heun at 1–35 evaluations, each CM at 1, 2 and 4 steps. A cost table gives
 the training minutes until one-step Q1 ≤ 1.25, from the EMA weights kept at every checkpoint
-(plotted to bench/quality-<data>-cost.png). The floor row is real data (the training split, at most n samples)
-scored like generated samples. Against only 180 held-out digits real data itself scores FD
+(plotted to bench/quality-<data>-cost.png). The floor row is real data (the training split,
+at most n samples) scored like generated samples. Against only 180 held-out digits real data itself scores FD
 0.97, close to the teacher, which compresses the ratios to the teacher; so each sampler's
 excess over the floor (metric − floor; FD∞ for images, which puts the floor's 1617 samples
 and the samplers' 2000 on one footing) is reported beside the ratios, with the raw-pixel FD
@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
+from recipe_runs import CM_RUNS, LABELS, first_below, history, train_runs  # noqa: E402
 
 from cmkit.evaluate import (  # noqa: E402
     Reference,
@@ -40,7 +41,6 @@ from cmkit.evaluate import (  # noqa: E402
 )
 from cmkit.generate import generate, load_model  # noqa: E402
 from cmkit.runs import store_times  # noqa: E402
-from recipe_runs import CM_RUNS, LABELS, first_below, history, train_runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
