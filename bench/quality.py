@@ -6,11 +6,12 @@ multistep times on the training split, and scores every sampler against the held
 teacher Euler and Heun at 1–35 evaluations, each CM at 1, 2 and 4 steps. A cost table gives
 the training minutes until one-step Q1 ≤ 1.25, from the EMA weights kept at every checkpoint
 (plotted to bench/quality-<data>-cost.png). The floor row is real data (the training split,
-at most n samples) scored like generated samples. Against only 180 held-out digits real data itself scores FD
-0.97, close to the teacher, which compresses the ratios to the teacher; so each sampler's
-excess over the floor (metric − floor; FD∞ for images, which puts the floor's 1617 samples
-and the samplers' 2000 on one footing) is reported beside the ratios, with the raw-pixel FD
-and the pixel-range statistics. Writes the tables and Q1/Q2 into BENCHMARKS.md between
+at most n samples) scored like generated samples. Against only 180 held-out digits real data
+itself scores FD 0.97, close to the teacher, which compresses the ratios to the teacher; so
+each sampler's excess over the floor (metric − floor; FD∞ for images, which puts the floor's
+1617 samples and the samplers' 2000 on one footing) is reported beside the ratios, with the
+raw-pixel FD and the pixel-range statistics.
+Writes the tables and Q1/Q2 into BENCHMARKS.md between
 markers and a plot of metric against NFE to bench/quality-<data>.png, one section per set.
 
     python bench/quality.py [--data digits,moons,8gaussians] [--runs bench_runs/quality]
