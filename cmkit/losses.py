@@ -19,11 +19,21 @@ from torch import nn
 from cmkit.batch import Batch, Cond
 from cmkit.jvp import jvp
 from cmkit.networks.embedding import SinusoidalEmbedding
-from cmkit.noise import EDM_P_MEAN, EDM_P_STD, ICT_P_MEAN, ICT_P_STD, lognormal_index_probs
+from cmkit.noise import (
+    ECT_P_MEAN,
+    ECT_P_STD,
+    EDM_P_MEAN,
+    EDM_P_STD,
+    ICT_P_MEAN,
+    ICT_P_STD,
+    RHO,
+    lognormal_index_probs,
+)
 from cmkit.param import batch_column, trig_columns
 from cmkit.rng import device_rng_state, set_device_rng_state
 from cmkit.solvers import SOLVER_STEPS, Denoiser
 
+DOUBLE = torch.float64  # times are drawn in float64, then cast to the data's dtype
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -171,24 +181,45 @@ class GridPairs:
         return grid[n + 1].to(x0), grid[n].to(x0)
 
 
+@dataclass(frozen=True)
+class LognormalTimes:
+    """ln t ~ N(P_mean, P_std²), clipped to the process's range (ECT's choice, from EDM)."""
+
+    p_mean: float = ECT_P_MEAN
+    p_std: float = ECT_P_STD
+
+    def __call__(self, process, batch: int, generator: torch.Generator) -> torch.Tensor:
+        ln_t = self.p_mean + self.p_std * torch.randn(batch, generator=generator, dtype=DOUBLE)
+        return torch.exp(ln_t).clamp(process.t_min, process.t_max)
+
+
+@dataclass(frozen=True)
+class KarrasTimes:
+    """t uniform along the Karras ramp, t = (t_min^{1/ρ} + u·(t_max^{1/ρ} − t_min^{1/ρ}))^ρ with
+    u ~ U(0, 1): the continuous limit of uniform pairs on CD's and iCT's grid. It puts far more
+    weight on the high noise levels one-step sampling starts from than the lognormal does."""
+
+    rho: float = RHO
+
+    def __call__(self, process, batch: int, generator: torch.Generator) -> torch.Tensor:
+        u = torch.rand(batch, generator=generator, dtype=DOUBLE)
+        lo, hi = process.t_min ** (1 / self.rho), process.t_max ** (1 / self.rho)
+        return ((lo + u * (hi - lo)) ** self.rho).clamp(process.t_min, process.t_max)
+
+
 @dataclass
 class ContinuousPairs:
-    """ECT's pairs in continuous time: ln t ~ N(P_mean, P_std²), t clipped to the process's
-    range, r = schedule.lower(t, step) (see noise.ECTSchedule). r is clamped at ≥ ε = t_min,
-    where f(x_r, ε) = x_r = x₀ + ε·z is the boundary: the paper's r < σ_min → "target x₀"."""
+    """ECT's pairs in continuous time: t drawn by `times`, r = schedule.lower(t, step) (see
+    noise.ECTSchedule). r is clamped at ≥ ε = t_min, where f(x_r, ε) = x_r = x₀ + ε·z is the
+    boundary: the paper's r < σ_min → "target x₀"."""
 
     process: object
     schedule: object  # .lower(t, step) -> r
-    p_mean: float
-    p_std: float
+    times: Callable  # (process, batch, generator) -> (B,) float64 times
 
     def __call__(self, x0: torch.Tensor, step: int, generator: torch.Generator):
-        lo, hi = self.process.t_min, self.process.t_max
-        ln_t = self.p_mean + self.p_std * torch.randn(
-            len(x0), generator=generator, dtype=torch.float64
-        )
-        t = torch.exp(ln_t).clamp(lo, hi)
-        r = self.schedule.lower(t, step).clamp(min=lo)
+        t = self.times(self.process, len(x0), generator)
+        r = self.schedule.lower(t, step).clamp(min=self.process.t_min)
         return t.to(x0), r.to(x0)
 
 

@@ -111,7 +111,8 @@ class ECTSchedule:
     Made Easy", §3): r = t·(1 − q^{−(s+1)}·n(t)), n(t) = 1 + k·sigmoid(−b·t), clamped at 0, with
     the stage s = ⌊step / double⌋. Stage 0 pairs t with r ≈ 0 (a denoising loss: where a
     diffusion model already is); every stage shrinks the gap t − r by q, towards the
-    continuous-time consistency condition. μ = 0: the target is the online network."""
+    continuous-time consistency condition, until q^{−(s+1)} reaches ECT_MIN_RATIO (float32
+    resolves no finer gap; the stage stays there). μ = 0: the target is the online network."""
 
     q: float = 2.0
     double: int = 500
@@ -119,7 +120,7 @@ class ECTSchedule:
     b: float = 1.0
 
     def stage(self, step: int) -> int:
-        return step // self.double
+        return min(step // self.double, self.last_stage())
 
     def ratio(self, t: torch.Tensor, step: int) -> torch.Tensor:
         """(t − r)/t before clamping: q^{−(s+1)}·n(t)."""
@@ -131,9 +132,9 @@ class ECTSchedule:
     def target_mu(self, step: int) -> float:
         return 0.0
 
-    def last_useful_stage(self) -> int:
+    def last_stage(self) -> int:
         """The last stage whose smallest gap ratio q^{−(s+1)} is still ≥ ECT_MIN_RATIO."""
-        return math.floor(-math.log(ECT_MIN_RATIO) / math.log(self.q)) - 1
+        return max(0, math.floor(-math.log(ECT_MIN_RATIO) / math.log(self.q)) - 1)
 
 
 def lognormal_index_probs(

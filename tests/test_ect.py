@@ -2,17 +2,19 @@
 empty pairs, tuning from a teacher's weights, and bad values refused in one line."""
 
 import json
-import math
 
 import pytest
 import torch
 from conftest import TINY, run_cli
 from safetensors.torch import load_file
 
+from cmkit import recipes
 from cmkit.batch import Batch
 from cmkit.losses import (
     ConsistencyLoss,
     ContinuousPairs,
+    KarrasTimes,
+    LognormalTimes,
     UnbiasedEstimate,
     inverse_gap_weight,
     l2_distance,
@@ -49,7 +51,7 @@ def test_each_stage_shrinks_the_gap_by_q():
 
 def test_continuous_pairs_stay_in_the_process_range_with_t_above_r():
     process = EDMProcess()
-    pairs = ContinuousPairs(process, ECTSchedule(double=50), -1.1, 2.0)
+    pairs = ContinuousPairs(process, ECTSchedule(double=50), LognormalTimes(-1.1, 2.0))
     x0 = torch.zeros(20000, 2)
     t, r = pairs(x0, 120, torch.Generator().manual_seed(0))
     assert t.dtype == x0.dtype and t.shape == r.shape == (20000,)
@@ -88,7 +90,7 @@ def test_ect_from_a_teacher_starts_from_its_weights(tmp_path):
     for key in before:  # lr 1e-30 moves no float32 weight
         assert torch.equal(before[key], after[key]), key
     options = json.loads((out / "config.json").read_text())["training"]["options"]
-    assert options["init_from"] == str(teacher.resolve()) and options["q"] == 2.0
+    assert options["init_from"] == str(teacher.resolve()) and options["q"] == 4.0
     assert run_cli("sample", "--model", out, "--n", "8", "--out", tmp_path / "s.npy") == 0
 
 
@@ -100,9 +102,9 @@ def test_ect_from_a_teacher_starts_from_its_weights(tmp_path):
         (["--weighting", "ict"], "--weighting must be 'inverse-gap' or 'snr'"),
         (["--distance", "l1"], "--distance must be 'pseudo-huber' or 'l2'"),
         (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
-        (["--q", "10", "--double", "1"], "below float32's resolution"),
         (["--process", "flow"], "the flow process starts at 0"),
         (["--s0", "4"], "--s0 does not apply to --recipe ect"),
+        (["--warmup", "4"], "--warmup does not apply to --recipe ect"),
         (["--init-from", "nowhere"], "nowhere"),
     ],
 )
@@ -125,7 +127,32 @@ def test_ect_refuses_a_teacher_of_another_network_or_a_consistency_run(
     assert "expected a teacher run" in capsys.readouterr().err
 
 
-def test_stage_count_guard_matches_float32_resolution():
-    last = ECTSchedule(q=2.0).last_useful_stage()
+def test_the_stage_stops_where_float32_resolves_no_finer_gap():
+    schedule = ECTSchedule(q=2.0, double=10)
+    last = schedule.last_stage()
     assert 2.0 ** -(last + 1) >= 1e-5 > 2.0 ** -(last + 2)
-    assert math.isfinite(last)
+    assert schedule.stage(10 * last) == schedule.stage(10**6) == last
+    t = torch.tensor([80.0])  # the gap at the last stage still shows in float32
+    assert (t.float() - schedule.lower(t, 10**6).float()).item() > 0
+
+
+def test_karras_times_are_uniform_along_the_ramp():
+    """t = (t_min^{1/ρ} + u·(t_max^{1/ρ} − t_min^{1/ρ}))^ρ with u ~ U(0, 1): mapped back, u is
+    uniform, and t's median is the middle of the 3-point Karras grid."""
+    process = EDMProcess()
+    t = KarrasTimes()(process, 40000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.float64 and (t >= process.t_min).all() and (t <= process.t_max).all()
+    lo, hi = process.t_min ** (1 / 7), process.t_max ** (1 / 7)
+    u = (t ** (1 / 7) - lo) / (hi - lo)
+    levels = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    assert torch.allclose(torch.quantile(u, levels), levels, atol=0.01)
+    assert t.median().item() == pytest.approx(process.grid(3)[1].item(), rel=0.05)
+
+
+def test_ect_time_dist_option_picks_the_times():
+    from cmkit.recipes.ect import _times
+
+    process = EDMProcess()
+    assert _times(recipes.ECTOptions(), process) == KarrasTimes(process.rho)
+    lognormal = recipes.ECTOptions(time_dist="lognormal", p_mean=-1.0, p_std=1.5)
+    assert _times(lognormal, process) == LognormalTimes(-1.0, 1.5)

@@ -16,7 +16,7 @@ from cmkit.losses import DISTANCES
 from cmkit.networks.zoo import BACKBONES
 from cmkit.process import PROCESSES, EDMProcess, make_process
 from cmkit.recipes.ct import MU_VARIANTS
-from cmkit.recipes.ect import ECT_WEIGHTINGS
+from cmkit.recipes.ect import ECT_TIMES, ECT_WEIGHTINGS
 from cmkit.recipes.ict import PAIRS, WEIGHTINGS
 from cmkit.solvers import SOLVERS
 from cmkit.train import ON_NONFINITE
@@ -254,6 +254,12 @@ def add_train(sub) -> None:
     e = recipes.ECTOptions()
     p.add_argument(
         "--init-from", help="ect: start from this EDM teacher run (same network); else scratch"
+    )
+    p.add_argument(
+        "--time-dist",
+        choices=ECT_TIMES,
+        help="ect: t uniform along the Karras ramp (karras, the default) or lognormal "
+        "(the paper's, with --p-mean/--p-std)",
     )
     p.add_argument("--q", type=float, help=f"ect: the gap t − r shrinks by q per stage ({e.q:g})")
     p.add_argument("--double", type=int, help=f"ect: steps per stage ({e.double})")
