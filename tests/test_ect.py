@@ -20,7 +20,7 @@ from cmkit.losses import (
     l2_distance,
 )
 from cmkit.networks.mlp import MLP
-from cmkit.noise import ECTSchedule
+from cmkit.noise import ECT_MIN_RATIO, ECTSchedule
 from cmkit.process import EDMProcess
 
 
@@ -127,10 +127,11 @@ def test_ect_refuses_a_teacher_of_another_network_or_a_consistency_run(
     assert "expected a teacher run" in capsys.readouterr().err
 
 
-def test_the_stage_stops_where_float32_resolves_no_finer_gap():
+def test_the_stage_stops_at_the_smallest_gap_ratio():
     schedule = ECTSchedule(q=2.0, double=10)
     last = schedule.last_stage()
-    assert 2.0 ** -(last + 1) >= 1e-5 > 2.0 ** -(last + 2)
+    assert 2.0 ** -(last + 1) >= ECT_MIN_RATIO > 2.0 ** -(last + 2)
+    assert ECTSchedule(q=4.0).last_stage() == 5  # the default q: stages 0..5
     assert schedule.stage(10 * last) == schedule.stage(10**6) == last
     t = torch.tensor([80.0])  # the gap at the last stage still shows in float32
     assert (t.float() - schedule.lower(t, 10**6).float()).item() > 0

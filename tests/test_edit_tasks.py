@@ -29,6 +29,8 @@ def runs(tmp_path_factory):
     ]:
         assert run_cli(command, "--data", data, "--out", root / name, *TINY) == 0
     assert run_cli("train", "--data", "moons", "--out", root / "moons", *TINY[:5]) == 0
+    sct = ["train", "--recipe", "sct", "--data", "digits", "--out", root / "sct", *TINY]
+    assert run_cli(*sct) == 0
     digits = load_data("digits")[:4]
     np.save(root / "digits.npy", digits)
     np.save(root / "low.npy", digits.reshape(4, 1, 4, 2, 4, 2).mean((3, 5)))
@@ -71,9 +73,18 @@ def test_every_task_is_deterministic_under_a_seed(runs, tmp_path, task):
     assert (tmp_path / "0_grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_inpainting_in_data_units_keeps_known_pixels(runs, tmp_path):
+@pytest.mark.parametrize("task", [t for t in editing.TASKS if t != "colorize"])
+def test_every_task_runs_on_a_trigflow_run_through_the_process_protocol(runs, tmp_path, task):
+    _, args = task_args(runs, task)
     out = tmp_path / "o.npy"
-    assert edit(runs, "inpaint", "cm", out, "--input", runs / "digits.npy", "--mask", "center") == 0
+    assert edit(runs, task, "sct", out, *args, "--seed", 1) == 0
+    assert np.isfinite(np.load(out)).all()
+
+
+@pytest.mark.parametrize("model", ["cm", "sct"])
+def test_inpainting_in_data_units_keeps_known_pixels(runs, tmp_path, model):
+    out = tmp_path / "o.npy"
+    assert edit(runs, "inpaint", model, out, "--input", runs / "digits.npy", "--mask", "center") == 0
     x, y = np.load(runs / "digits.npy"), np.load(out)
     hole = editing.builtin_mask("center", 8, 8, None).numpy()
     np.testing.assert_allclose(y[..., ~hole], x[..., ~hole], atol=1e-5)
