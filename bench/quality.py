@@ -10,9 +10,9 @@ at most n samples) scored like generated samples. Against only 180 held-out digi
 itself scores FD 0.97, close to the teacher, which compresses the ratios to the teacher; so
 each sampler's excess over the floor (metric − floor; FD∞ for images, which puts the floor's
 1617 samples and the samplers' 2000 on one footing) is reported beside the ratios, with the
-raw-pixel FD and the pixel-range statistics.
-Writes the tables and Q1/Q2 into BENCHMARKS.md between
-markers and a plot of metric against NFE to bench/quality-<data>.png, one section per set.
+raw-pixel FD and the pixel-range statistics. Writes the tables and Q1/Q2 into BENCHMARKS.md
+between markers and a plot of metric against NFE to bench/quality-<data>.png, one section
+per data set.
 
     python bench/quality.py [--data digits,moons,8gaussians] [--runs bench_runs/quality]
     python bench/quality.py --data mnist     # MNIST from ../shared/data/mnist.npz (slow)

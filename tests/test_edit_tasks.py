@@ -83,8 +83,8 @@ def test_every_task_runs_on_a_trigflow_run_through_the_process_protocol(runs, tm
 
 @pytest.mark.parametrize("model", ["cm", "sct"])
 def test_inpainting_in_data_units_keeps_known_pixels(runs, tmp_path, model):
-    out = tmp_path / "o.npy"
-    assert edit(runs, "inpaint", model, out, "--input", runs / "digits.npy", "--mask", "center") == 0
+    out, digits = tmp_path / "o.npy", runs / "digits.npy"
+    assert edit(runs, "inpaint", model, out, "--input", digits, "--mask", "center") == 0
     x, y = np.load(runs / "digits.npy"), np.load(out)
     hole = editing.builtin_mask("center", 8, 8, None).numpy()
     np.testing.assert_allclose(y[..., ~hole], x[..., ~hole], atol=1e-5)
