@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 
-from cmkit import process as processes
 from cmkit.config import RunConfig, SamplingSection
 from cmkit.errors import OptionError
 from cmkit.jvp import JVP_METHODS
 from cmkit.losses import AdaptiveWeight, SCMLoss
 from cmkit.networks.zoo import build_for_data
 from cmkit.noise import MAX_SCALES
-from cmkit.process import Process
+from cmkit.process import Process, TrigFlowProcess, trigflow_velocity
 from cmkit.recipes.common import RunOptions, fit, from_data, run_data, start, training_section
 from cmkit.runs import load_network
 from cmkit.train import check_grad_clip
@@ -79,7 +78,7 @@ def scm_loss(opts: SCTOptions, process: Process, **teacher) -> SCMLoss:
 
 def sct_run(run: RunOptions, data_spec: str, process: Process, opts: SCTOptions) -> Path:
     """Train a TrigFlow consistency model on `data_spec` with sCT; returns the run directory."""
-    if process.name != "trigflow":
+    if not isinstance(process, TrigFlowProcess):
         raise OptionError("process", f"sct trains on the trigflow process, got {process.name}")
     check(opts)
     data, section, net_spec, net = from_data(run, data_spec, process)
@@ -98,14 +97,19 @@ def scd_run(run: RunOptions, opts: SCDOptions) -> Path:
         raise OptionError("teacher", f"{opts.teacher} is a consistency run; expected a teacher run")
     teacher_process = teacher_config.process
     sd = teacher_process.sigma_data
-    edm_time = opts.init_from_teacher and teacher_process.name != "trigflow"
-    if edm_time and teacher_process.name != "edm":
+    if isinstance(teacher_process, TrigFlowProcess):
+        time_input = teacher_process.time_input
+    elif not opts.init_from_teacher:
+        time_input = "t"
+    elif teacher_process.name == "edm":
+        time_input = "edm"  # the teacher's network reads EDM's c_noise
+    else:
         raise OptionError(
             "init_from_teacher",
             f"a {teacher_process.name} teacher's network cannot start a TrigFlow student; "
             "train it from random weights (no init from the teacher)",
         )
-    process = processes.TrigFlowProcess(sigma_data=sd, time_input="edm" if edm_time else "t")
+    process = TrigFlowProcess(sigma_data=sd, time_input=time_input)
     section = teacher_config.data
     data = run_data(section)
     net_spec = copy.deepcopy(teacher_config.network)
@@ -118,7 +122,7 @@ def scd_run(run: RunOptions, opts: SCDOptions) -> Path:
     loss = scm_loss(
         opts,
         process,
-        velocity=processes.trigflow_velocity(teacher_process, teacher, sd),
+        velocity=trigflow_velocity(teacher_process, teacher, sd),
         t_range=(math.atan(lo / sd), math.atan(hi / sd)),
     )
     config = RunConfig("consistency", process, net_spec, section, training, _sampling())
