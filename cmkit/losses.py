@@ -74,6 +74,18 @@ def make_distance(name: str, data_dim: int, c: float | None = None) -> Distance:
 # ---------------------------------------------------------------- teacher losses
 
 
+def lognormal_draw(x0: torch.Tensor, p_mean: float, p_std: float, generator: torch.Generator):
+    """(ln σ ~ N(P_mean, P_std²) per sample, z ~ N(0, I) like x₀), in this order."""
+    ln_sigma = p_mean + p_std * torch.randn(len(x0), generator=generator).to(x0)
+    return ln_sigma, torch.randn(x0.shape, generator=generator).to(x0)
+
+
+def trigflow_target(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor, sigma_data: float):
+    """dx_t/dt = cos t·σ_d·z − sin t·x₀ of x_t = cos t·x₀ + sin t·σ_d·z."""
+    cos_t, sin_t = trig_columns(t, x0)
+    return cos_t * sigma_data * z - sin_t * x0
+
+
 @dataclass
 class EDMLoss:
     """EDM denoising score matching (Karras et al. 2022): ln σ ~ N(P_mean, P_std²), weight
@@ -85,9 +97,8 @@ class EDMLoss:
 
     def __call__(self, denoiser, _target, batch: Batch, step: int, generator) -> torch.Tensor:
         x0 = batch.x0
-        ln_sigma = self.p_mean + self.p_std * torch.randn(len(x0), generator=generator).to(x0)
+        ln_sigma, z = lognormal_draw(x0, self.p_mean, self.p_std, generator)
         sigma = torch.exp(ln_sigma)
-        z = torch.randn(x0.shape, generator=generator).to(x0)
         sd = self.process.sigma_data
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
         x_sigma = self.process.perturb(x0, sigma, z)
@@ -124,12 +135,10 @@ class TrigFlowLoss:
 
     def __call__(self, param, _target, batch: Batch, step: int, generator) -> torch.Tensor:
         x0 = batch.x0
-        ln_sigma = self.p_mean + self.p_std * torch.randn(len(x0), generator=generator).to(x0)
-        z = torch.randn(x0.shape, generator=generator).to(x0)  # drawn as EDMLoss draws them
+        ln_sigma, z = lognormal_draw(x0, self.p_mean, self.p_std, generator)  # as EDMLoss
         sd = self.process.sigma_data
         t = torch.atan(torch.exp(ln_sigma) / sd)
-        cos_t, sin_t = trig_columns(t, x0)
-        v = cos_t * sd * z - sin_t * x0
+        v = trigflow_target(x0, z, t, sd)
         x_t = self.process.perturb(x0, t, z)
         return (l2_distance(param.drift(x_t, t, **batch.cond), v) / sd**2).mean()
 
@@ -382,8 +391,7 @@ class SCMLoss:
         z = torch.randn(x0.shape, generator=generator).to(x0)
         x_t = self.process.perturb(x0, t, z)
         if self.velocity is None:
-            cos, sin = batch_column(torch.cos(t), x0), batch_column(torch.sin(t), x0)
-            dxdt = cos * sd * z - sin * x0
+            dxdt = trigflow_target(x0, z, t, sd)
         else:
             with torch.no_grad():
                 dxdt = self.velocity(x_t, t, **batch.cond)

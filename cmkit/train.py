@@ -65,8 +65,13 @@ class TrainState:
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimiser updates and the gradient clip bounds: the model, then aux."""
-        modules = (self.online, self.aux)
-        return [p for module in modules if module is not None for p in module.parameters()]
+        return trainable_parameters(self.online, self.aux)
+
+
+def trainable_parameters(online: nn.Module, aux: nn.Module | None) -> list[nn.Parameter]:
+    """The model's parameters, then the loss's own (aux), in the optimiser's order."""
+    modules = (online, aux)
+    return [p for module in modules if module is not None for p in module.parameters()]
 
 
 @torch.no_grad()

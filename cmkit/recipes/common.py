@@ -29,7 +29,7 @@ from cmkit.runs import (
     save_checkpoint,
     save_history,
 )
-from cmkit.train import TrainState, check_on_nonfinite, train
+from cmkit.train import TrainState, check_on_nonfinite, train, trainable_parameters
 
 # Defaults sized for 2 CPU cores; their measured results are in BENCHMARKS.md.
 VECTOR_DEFAULTS = {"teacher_steps": 6000, "cm_steps": 6000, "batch_size": 512, "lr": 1e-3}
@@ -78,9 +78,9 @@ def check_scales(s0: int, s1: int, s0_min: int) -> None:
         )
 
 
-def distance_for(name: str, shape: tuple[int, ...]):
+def distance_for(name: str, shape: tuple[int, ...], c: float | None = None):
     try:
-        return make_distance(name, int(np.prod(shape)))
+        return make_distance(name, int(np.prod(shape)), c)
     except ValueError as err:
         raise OptionError("distance", str(err).removeprefix("unknown distance ")) from None
 
@@ -170,8 +170,7 @@ def start(
     if aux is not None:
         aux.to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
-    params = [*online.parameters(), *(aux.parameters() if aux is not None else ())]
-    optimizer = torch.optim.Adam(params, lr=config.training.lr)
+    optimizer = torch.optim.Adam(trainable_parameters(online, aux), lr=config.training.lr)
     state = TrainState(online, optimizer, torch.Generator().manual_seed(run.seed), ema, target, aux)
     out = _prepare_out(Path(run.out))
     if run.resume and resumable(out):

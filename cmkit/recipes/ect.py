@@ -31,11 +31,17 @@ from cmkit.losses import (
     UnbiasedEstimate,
     edm_snr_weight,
     inverse_gap_weight,
-    make_distance,
 )
 from cmkit.noise import ECT_P_MEAN, ECT_P_STD, MAX_SCALES, ECTSchedule
 from cmkit.process import Process
-from cmkit.recipes.common import RunOptions, fit, from_data, start, training_section
+from cmkit.recipes.common import (
+    RunOptions,
+    distance_for,
+    fit,
+    from_data,
+    start,
+    training_section,
+)
 from cmkit.runs import load_network
 from cmkit.train import check_grad_clip
 
@@ -105,8 +111,7 @@ def ect_run(run: RunOptions, data_spec: str, process: Process, opts: ECTOptions)
         net_spec.kwargs["dropout"] = opts.dropout
         _set_dropout(net, opts.dropout)
     training.options = asdict(opts)
-    c = opts.huber_c
-    distance = make_distance(opts.distance, int(torch.tensor(section.shape).prod()), c)
+    distance = distance_for(opts.distance, section.shape, opts.huber_c)
     weighting = (
         inverse_gap_weight
         if opts.weighting == "inverse-gap"
