@@ -27,6 +27,10 @@ from cmkit.noise import (
     ICT_P_MEAN,
     ICT_P_STD,
     RHO,
+    SCM_P_MEAN,
+    SCM_P_STD,
+    SIGMA_MAX,
+    SIGMA_MIN,
     lognormal_index_probs,
 )
 from cmkit.param import batch_column, trig_columns
@@ -212,8 +216,14 @@ class KarrasTimes:
 
     def __call__(self, process, batch: int, generator: torch.Generator) -> torch.Tensor:
         u = torch.rand(batch, generator=generator, dtype=DOUBLE)
-        lo, hi = process.t_min ** (1 / self.rho), process.t_max ** (1 / self.rho)
-        return ((lo + u * (hi - lo)) ** self.rho).clamp(process.t_min, process.t_max)
+        t = karras_ramp(u, process.t_min, process.t_max, self.rho)
+        return t.clamp(process.t_min, process.t_max)
+
+
+def karras_ramp(u: torch.Tensor, lo: float, hi: float, rho: float = RHO) -> torch.Tensor:
+    """(lo^{1/ρ} + u·(hi^{1/ρ} − lo^{1/ρ}))^ρ: u ∈ [0, 1] along Karras et al.'s σ schedule."""
+    a, b = lo ** (1 / rho), hi ** (1 / rho)
+    return (a + u * (b - a)) ** rho
 
 
 @dataclass
@@ -331,12 +341,28 @@ class AdaptiveWeight(nn.Module):
         return self.out(self.embed(t)).squeeze(1).to(t.dtype)
 
 
-def trigflow_times(
-    batch: int, p_mean: float, p_std: float, sigma_data: float, generator: torch.Generator
-) -> torch.Tensor:
-    """sCM's training times t = arctan(e^τ/σ_d), τ ~ N(P_mean, P_std²): (B,) float64."""
-    tau = p_mean + p_std * torch.randn(batch, generator=generator, dtype=torch.float64)
-    return torch.atan(torch.exp(tau) / sigma_data)
+SCM_TIMES = ("lognormal", "karras")
+
+
+@dataclass(frozen=True)
+class TrigFlowTimes:
+    """sCM's training times t = arctan(σ/σ_d) on TrigFlow: σ = e^τ with τ ~ N(P_mean, P_std²)
+    (the paper's "lognormal"), or σ uniform along the Karras ramp over EDM's [σ_min, σ_max]
+    ("karras"), which visits the high noise levels one-step sampling starts from far more
+    often, as ECT's KarrasTimes does."""
+
+    dist: str = "lognormal"
+    p_mean: float = SCM_P_MEAN
+    p_std: float = SCM_P_STD
+
+    def __call__(self, batch: int, sigma_data: float, generator: torch.Generator) -> torch.Tensor:
+        if self.dist == "karras":
+            u = torch.rand(batch, generator=generator, dtype=DOUBLE)
+            sigma = karras_ramp(u, SIGMA_MIN, SIGMA_MAX)
+        else:
+            tau = self.p_mean + self.p_std * torch.randn(batch, generator=generator, dtype=DOUBLE)
+            sigma = torch.exp(tau)
+        return torch.atan(sigma / sigma_data)
 
 
 def normalised_tangent(
@@ -374,8 +400,7 @@ class SCMLoss:
     process: object  # TrigFlowProcess
     weight: AdaptiveWeight
     velocity: Callable | None = None  # sCD: (x_t, t, **cond) -> dx_t/dt; None: sCT
-    p_mean: float = -1.0
-    p_std: float = 1.4
+    times: TrigFlowTimes = TrigFlowTimes()
     warmup_steps: int = 1000  # r = min(1, step/H)
     tangent_c: float = 0.1
     jvp: str = "exact"
@@ -384,7 +409,7 @@ class SCMLoss:
     def draw(self, batch: Batch, generator: torch.Generator):
         """(t, x_t, dx_t/dt) of one batch."""
         x0, sd = batch.x0, self.process.sigma_data
-        t = trigflow_times(len(x0), self.p_mean, self.p_std, sd, generator)
+        t = self.times(len(x0), sd, generator)
         if self.t_range is not None:
             t = t.clamp(*self.t_range)
         t = t.to(x0)

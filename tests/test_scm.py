@@ -11,10 +11,13 @@ from conftest import TINY, run_cli
 from safetensors.torch import load_file
 from torch import nn
 
+from cmkit import recipes
 from cmkit.batch import Batch
+from cmkit.errors import OptionError
 from cmkit.jvp import jvp
-from cmkit.losses import AdaptiveWeight, SCMLoss, normalised_tangent
+from cmkit.losses import AdaptiveWeight, SCMLoss, TrigFlowTimes, karras_ramp, normalised_tangent
 from cmkit.networks.mlp import MLP
+from cmkit.noise import SIGMA_MAX, SIGMA_MIN
 from cmkit.process import EDMProcess, TrigFlowProcess
 
 SD = 0.5  # σ_d
@@ -152,6 +155,30 @@ def test_an_edm_network_read_in_trigflow_time_is_the_edm_denoiser():
     D = edm.denoiser(net)(x_t / torch.cos(t)[:, None], SD * torch.tan(t))
     assert torch.allclose(f, D, rtol=1e-12, atol=1e-12)
     assert torch.equal(trig.consistency(net)(x_t, 0.0), x_t)  # the boundary, exactly
+
+
+def test_trigflow_times_lognormal_and_karras_in_sigma():
+    """t = arctan(σ/σ_d): lognormal σ has median e^{P_mean}; Karras σ stays in EDM's range
+    with its median at the middle of the ramp."""
+    gen = torch.Generator().manual_seed(0)
+    t = TrigFlowTimes("lognormal", -1.0, 1.4)(40000, SD, gen)
+    assert t.dtype == torch.float64 and (t > 0).all() and (t < math.pi / 2).all()
+    sigma = SD * torch.tan(t)
+    assert sigma.log().median().item() == pytest.approx(-1.0, abs=0.03)
+    assert sigma.log().std().item() == pytest.approx(1.4, rel=0.02)
+    sigma = SD * torch.tan(TrigFlowTimes("karras")(40000, SD, gen))
+    assert sigma.min() >= SIGMA_MIN * (1 - 1e-9) and sigma.max() <= SIGMA_MAX * (1 + 1e-9)
+    middle = karras_ramp(torch.tensor(0.5, dtype=torch.float64), SIGMA_MIN, SIGMA_MAX)
+    assert sigma.median().item() == pytest.approx(middle.item(), rel=0.05)
+
+
+def test_scm_time_dist_is_checked(tmp_path, capsys):
+    train = ["train", "--recipe", "sct", "--data", "moons", *TINY, "--out", tmp_path / "a"]
+    assert run_cli(*train, "--time-dist", "karras") == 0
+    config = (tmp_path / "a" / "config.json").read_text()
+    assert '"time_dist": "karras"' in config
+    with pytest.raises(OptionError, match="time_dist must be 'lognormal' or 'karras'"):
+        recipes.scm.check(recipes.SCTOptions(time_dist="uniform"))
 
 
 def test_scd_run_refuses_a_flow_teacher_as_its_start_and_a_bad_jvp(tmp_path, capsys):

@@ -12,7 +12,7 @@ from cmkit import recipes
 from cmkit.cli.options import add_device, check_device, clip_norm, flag, json_object, require
 from cmkit.errors import OptionError
 from cmkit.jvp import JVP_METHODS
-from cmkit.losses import DISTANCES
+from cmkit.losses import DISTANCES, SCM_TIMES
 from cmkit.networks.zoo import BACKBONES
 from cmkit.process import PROCESSES, EDMProcess, make_process
 from cmkit.recipes.ct import MU_VARIANTS
@@ -193,6 +193,11 @@ def _add_scm_flags(p: argparse.ArgumentParser, times: bool) -> None:
     already, shared with iCT and ECT)."""
     s = recipes.SCTOptions()
     if times:
+        p.add_argument(
+            "--time-dist",
+            choices=SCM_TIMES,
+            help=f"scd: σ of the training times lognormal or along the Karras ramp ({s.time_dist})",
+        )
         p.add_argument("--p-mean", type=float, help=f"scd: τ ~ N(P_mean, P_std²) ({s.p_mean})")
         p.add_argument("--p-std", type=float, help=f"scd: P_std ({s.p_std})")
     p.add_argument("--warmup", type=int, help=f"sct/scd: tangent warm-up steps ({s.warmup})")
@@ -257,9 +262,9 @@ def add_train(sub) -> None:
     )
     p.add_argument(
         "--time-dist",
-        choices=ECT_TIMES,
-        help="ect: t uniform along the Karras ramp (karras, the default) or lognormal "
-        "(the paper's, with --p-mean/--p-std)",
+        choices=sorted({*ECT_TIMES, *SCM_TIMES}),
+        help="ect/sct: training times uniform along the Karras ramp (karras) or lognormal "
+        f"(the papers', with --p-mean/--p-std); {_defaults('time_dist')}",
     )
     p.add_argument("--q", type=float, help=f"ect: the gap t − r shrinks by q per stage ({e.q:g})")
     p.add_argument("--double", type=int, help=f"ect: steps per stage ({e.double})")

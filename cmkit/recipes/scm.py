@@ -23,20 +23,20 @@ import torch
 from cmkit.config import RunConfig, SamplingSection
 from cmkit.errors import OptionError
 from cmkit.jvp import JVP_METHODS
-from cmkit.losses import AdaptiveWeight, SCMLoss
+from cmkit.losses import SCM_TIMES, AdaptiveWeight, SCMLoss, TrigFlowTimes
 from cmkit.networks.zoo import build_for_data
-from cmkit.noise import MAX_SCALES
+from cmkit.noise import MAX_SCALES, SCM_P_MEAN, SCM_P_STD
 from cmkit.process import Process, TrigFlowProcess, trigflow_velocity
 from cmkit.recipes.common import RunOptions, fit, from_data, run_data, start, training_section
 from cmkit.runs import load_network
 from cmkit.train import check_grad_clip
 
-SCM_P_MEAN, SCM_P_STD = -1.0, 1.4  # CIFAR-10's τ ~ N(P_mean, P_std²) (Lu & Song 2024)
 VELOCITY_RANGE = (1e-4, 1e4)  # σ where any teacher is asked for its velocity
 
 
 @dataclass
 class SCTOptions:
+    time_dist: str = "lognormal"  # τ ~ N(P_mean, P_std²) (the paper's), or "karras"
     p_mean: float = SCM_P_MEAN
     p_std: float = SCM_P_STD
     warmup: int = 1000  # tangent warm-up H: r = min(1, step/H); 0: none
@@ -52,6 +52,8 @@ class SCDOptions(SCTOptions):
 
 
 def check(opts: SCTOptions) -> None:
+    if opts.time_dist not in SCM_TIMES:
+        raise OptionError("time_dist", f"must be 'lognormal' or 'karras', got {opts.time_dist!r}")
     if not opts.p_std > 0:
         raise OptionError("p_std", f"must be > 0, got {opts.p_std}")
     if opts.warmup < 0:
@@ -67,8 +69,7 @@ def scm_loss(opts: SCTOptions, process: Process, **teacher) -> SCMLoss:
     return SCMLoss(
         process,
         AdaptiveWeight(),
-        p_mean=opts.p_mean,
-        p_std=opts.p_std,
+        times=TrigFlowTimes(opts.time_dist, opts.p_mean, opts.p_std),
         warmup_steps=opts.warmup,
         tangent_c=opts.tangent_c,
         jvp=opts.jvp,
