@@ -69,6 +69,7 @@ def generate(
     chunk: int = 2048,
     progress: bool = False,
     cond: Cond = NO_COND,
+    noise: np.ndarray | None = None,
 ) -> np.ndarray:
     """n samples in the user's units, float32; the same seed gives the same samples.
 
@@ -76,7 +77,10 @@ def generate(
     one step, the multistep sampler over `times`, or with `ode` the ODE v = (x − f)/t
     (TrigFlow: (cos t·x − f)/sin t = σ_d·F, the model's drift); a run whose sampling section
     sets clip_denoised (imported from diffusers) clamps f to [−1, 1].
-    All noise is drawn up front from one CPU generator, so chunking does not change results.
+    All noise is drawn up front from one CPU generator, so chunking does not change results:
+    K standard-normal tensors (n, *shape), the initial noise first, then one per intermediate
+    time (K = 1 for the ODE). `noise`, a float32 (K, n, *shape) array, replaces that draw and
+    the seed, so an exported sampler (cmkit.export) can be checked on the same input.
     `cond` holds the conditioning of the n samples (n rows per tensor).
     """
     if n < 1:
@@ -87,21 +91,24 @@ def generate(
         raise OptionError("solver", f"must be 'euler' or 'heun', got {solver!r}")
     if times is not None and model.kind == "teacher":
         raise OptionError("times", "applies to consistency runs; a teacher takes a step count")
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn((n, *model.shape), generator=gen)
-    device = next(model.fn.parameters()).device
     use_ode = model.kind == "teacher" or ode
     if use_ode:
         k = steps or model.config.sampling.steps or DEFAULT_GRID_POINTS
         solver = solver or model.config.sampling.solver or DEFAULT_SOLVER
-        noises = []
+        taus = []
     else:
         taus = cm_times(model, steps, times)
-        noises = [torch.randn(z.shape, generator=gen) for _ in taus]
         f = clip_denoised(model.fn) if model.config.sampling.clip_denoised else model.fn
+    expected = (1 + len(taus), n, *model.shape)
+    if noise is None:
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.stack([torch.randn(expected[1:], generator=gen) for _ in range(expected[0])])
+    else:
+        z = torch.from_numpy(_checked_noise(noise, expected))
+    device = next(model.fn.parameters()).device
     out = []
     for i in tqdm(range(0, n, chunk), disable=not progress, desc="sampling", unit="chunk"):
-        zc, ec = z[i : i + chunk].to(device), [e[i : i + chunk].to(device) for e in noises]
+        zc, *ec = z[:, i : i + chunk].to(device).unbind(0)
         cc = cond_rows(cond, i, i + chunk, device)
         if use_ode:
             x = sample_ode(model.fn, model.process, zc, k, solver, cc)
@@ -109,3 +116,18 @@ def generate(
             x = sample_multistep(f, model.process, zc, taus, ec, cc)
         out.append(x.cpu())
     return model.scaler.to_raw(torch.cat(out).numpy()).astype(np.float32)
+
+
+def _checked_noise(noise: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
+    """The caller's noise, if it is the float32 (K, n, *shape) array the sampler would draw."""
+    if not isinstance(noise, np.ndarray) or noise.dtype != np.float32:
+        kind = noise.dtype if isinstance(noise, np.ndarray) else type(noise).__name__
+        raise OptionError("noise", f"holds {kind}; expected a float32 array")
+    if noise.shape != expected:
+        raise OptionError(
+            "noise",
+            f"has shape {noise.shape}; expected {expected}: {expected[0]} standard-normal "
+            f"tensor(s) of {expected[1]} samples, the initial noise first, then one per "
+            "intermediate time",
+        )
+    return noise

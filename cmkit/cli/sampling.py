@@ -16,7 +16,7 @@ def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a run (.npy, or .png grid/scatter)")
     p.add_argument("--config", help="TOML or JSON file of options")
     p.add_argument("--model", help="run directory")
-    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--n", type=int, help="number of samples (default 64; with --noise: its n)")
     p.add_argument("--out", help="FILE.npy (user's units) or FILE.png")
     p.add_argument(
         "--steps",
@@ -32,7 +32,26 @@ def add_sample(sub) -> None:
         help="CM: deterministic ODE v = (x − f)/t (trigflow: (cos t·x − f)/sin t)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--noise",
+        help="FILE.npy: float32 standard-normal noise (K, n, *shape) used instead of drawing "
+        "it, laid out as an exported sampler takes it: the initial noise, then one per "
+        "intermediate time (K = a CM's steps; 1 for a teacher or --ode)",
+    )
     add_device(p)
+
+
+def read_noise(path: str) -> np.ndarray:
+    """A .npy array, read without unpickling; its dtype and shape are checked by generate."""
+    if Path(path).suffix != ".npy":
+        raise UserError(f"--noise {path}: expected a .npy file")
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--noise {path}: cannot read it ({err})") from None
+    if not isinstance(noise, np.ndarray):  # an .npz archive under a .npy name
+        raise UserError(f"--noise {path}: expected one array, found an archive")
+    return noise
 
 
 def _reference_or_none(config) -> np.ndarray | None:
@@ -54,16 +73,21 @@ def sample(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out}: expected a .npy or .png file name")
     if not out.parent.is_dir():
         raise UserError(f"--out {args.out}: folder {out.parent} does not exist")
+    noise = read_noise(args.noise) if args.noise else None
+    n = args.n
+    if n is None:
+        n = noise.shape[1] if noise is not None and noise.ndim > 1 else 64
     model = load_model(args.model, check_device(args.device))
     x = generate(
         model,
-        args.n,
+        n,
         args.seed,
         args.steps,
         args.times,
         args.solver,
         args.ode,
         progress=not args.no_progress,
+        noise=noise,
     )
     if out.suffix == ".npy":
         np.save(out, x)
@@ -73,7 +97,7 @@ def sample(args: argparse.Namespace) -> None:
         save_scatter(x, out, _reference_or_none(model.config), title=str(args.model))
     else:
         raise UserError(f"--out {args.out}: PNG needs images or 2-D points; got {x.shape[1]}-D")
-    print(f"wrote {args.n} samples to {out}")
+    print(f"wrote {n} samples to {out}")
 
 
 def _add_scoring(p: argparse.ArgumentParser) -> None:

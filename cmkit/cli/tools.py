@@ -1,4 +1,4 @@
-"""`cmkit edit`, `quickstart`, `export-diffusers` and `import-diffusers`."""
+"""`cmkit edit`, `quickstart`, `export`, `export-diffusers` and `import-diffusers`."""
 
 import argparse
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 from cmkit.cli.options import add_device, check_device, floats, require
 from cmkit.editing import TASKS
 from cmkit.errors import UserError
+from cmkit.export import FORMATS, export_run, manifest_path
 
 
 def add_edit(sub) -> None:
@@ -74,6 +75,39 @@ def quickstart(args: argparse.Namespace) -> None:
     quickstart(Path(args.out), args.scale, check_device(args.device), not args.no_progress)
 
 
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a consistency run's 1- or K-step sampler as one ONNX or torch.export graph",
+    )
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="consistency run directory")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="onnx (for onnxruntime; pip install 'cmkit[export]') or pt2 (torch.export.load)",
+    )
+    p.add_argument("--out", help="FILE.onnx or FILE.pt2; FILE.onnx.json (.pt2.json) describes it")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="sampling steps K (default 1): the graph's input is noise (K, batch, *shape)",
+    )
+    p.add_argument("--times", type=floats, help="intermediate times τ₁ > τ₂ > … (K: one more)")
+
+
+def export(args: argparse.Namespace) -> None:
+    require(args, "model", "format", "out")
+    out = Path(args.out)
+    manifest = export_run(args.model, args.format, out, args.steps, args.times)
+    noise = ", ".join(map(str, manifest["inputs"][0]["shape"]))
+    print(
+        f"wrote a {manifest['sampler']['steps']}-step sampler to {out} (input noise "
+        f"({noise}), standard normal; output samples in the data's units) and "
+        f"{manifest_path(out)}"
+    )
+
+
 def add_export_diffusers(sub) -> None:
     p = sub.add_parser(
         "export-diffusers", help="write a consistency run as a diffusers ConsistencyModelPipeline"
@@ -118,6 +152,7 @@ def import_diffusers(args: argparse.Namespace) -> Path:
 COMMANDS = {
     "edit": (add_edit, edit),
     "quickstart": (add_quickstart, quickstart),
+    "export": (add_export, export),
     "export-diffusers": (add_export_diffusers, export_diffusers),
     "import-diffusers": (add_import_diffusers, import_diffusers),
 }
