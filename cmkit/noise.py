@@ -18,9 +18,8 @@ EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # EDM training: ln σ ~ N(P_mean, P_std²) (K
 ICT_P_MEAN, ICT_P_STD = -1.1, 2.0  # iCT's lognormal over grid pairs (Song & Dhariwal 2023)
 ECT_P_MEAN, ECT_P_STD = -1.1, 2.0  # ECT's lognormal over t (Geng et al. 2024)
 SCM_P_MEAN, SCM_P_STD = -1.0, 1.4  # sCM's τ ~ N(P_mean, P_std²) on CIFAR-10 (Lu & Song 2024)
-# ECT's smallest gap ratio (t − r)/t, where the stages stop. On digits (q = 4) one-step FD
-# rose from 2.26 to 5.45 over the last 750 of 3000 steps with or without this stop: gaps this
-# small held for hundreds of steps are the open problem, finer ones only add float32 noise
+# ECT's smallest gap ratio (t − r)/t, where the stages stop (q = 2: 12 stages); finer gaps
+# only add float32 noise to the difference of the two evaluations
 ECT_MIN_RATIO = 2e-4
 
 

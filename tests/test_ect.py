@@ -22,6 +22,7 @@ from cmkit.losses import (
 from cmkit.networks.mlp import MLP
 from cmkit.noise import ECT_MIN_RATIO, ECTSchedule
 from cmkit.process import EDMProcess
+from cmkit.recipes.common import VECTOR_DEFAULTS
 
 
 @pytest.mark.parametrize(
@@ -90,7 +91,7 @@ def test_ect_from_a_teacher_starts_from_its_weights(tmp_path):
     for key in before:  # lr 1e-30 moves no float32 weight
         assert torch.equal(before[key], after[key]), key
     options = json.loads((out / "config.json").read_text())["training"]["options"]
-    assert options["init_from"] == str(teacher.resolve()) and options["q"] == 4.0
+    assert options["init_from"] == str(teacher.resolve()) and options["q"] == 2.0
     assert run_cli("sample", "--model", out, "--n", "8", "--out", tmp_path / "s.npy") == 0
 
 
@@ -131,10 +132,31 @@ def test_the_stage_stops_at_the_smallest_gap_ratio():
     schedule = ECTSchedule(q=2.0, double=10)
     last = schedule.last_stage()
     assert 2.0 ** -(last + 1) >= ECT_MIN_RATIO > 2.0 ** -(last + 2)
-    assert ECTSchedule(q=4.0).last_stage() == 5  # the default q: stages 0..5
+    assert ECTSchedule(q=2.0).last_stage() == 11  # the default q: stages 0..11
     assert schedule.stage(10 * last) == schedule.stage(10**6) == last
     t = torch.tensor([80.0])  # the gap at the last stage still shows in float32
     assert (t.float() - schedule.lower(t, 10**6).float()).item() > 0
+
+
+def test_default_stages_span_the_run_and_an_explicit_double_is_kept():
+    from cmkit.recipes.ect import check
+
+    schedule = check(recipes.ECTOptions(), steps=3000)  # q = 2: 12 stages of 250 steps
+    assert schedule.double == 250
+    assert schedule.stage(2749) == 10 and schedule.stage(2750) == schedule.last_stage() == 11
+    assert check(recipes.ECTOptions(double=400), steps=3000).double == 400
+    assert check(recipes.ECTOptions(), steps=5).double == 1
+
+
+def test_ect_learning_rate_is_a_quarter_of_the_data_kinds_unless_given(tmp_path):
+    teacher_free = ["train", "--recipe", "ect", "--data", "moons", *TINY]
+    assert run_cli(*teacher_free, "--out", tmp_path / "a") == 0
+    assert run_cli(*teacher_free, "--lr", "0.003", "--out", tmp_path / "b") == 0
+    lr = {
+        name: json.loads((tmp_path / name / "config.json").read_text())["training"]["lr"]
+        for name in "ab"
+    }
+    assert lr == {"a": VECTOR_DEFAULTS["lr"] / 4, "b": 0.003}
 
 
 def test_karras_times_are_uniform_along_the_ramp():

@@ -267,7 +267,9 @@ def add_train(sub) -> None:
         f"(the papers', with --p-mean/--p-std); {_defaults('time_dist')}",
     )
     p.add_argument("--q", type=float, help=f"ect: the gap t − r shrinks by q per stage ({e.q:g})")
-    p.add_argument("--double", type=int, help=f"ect: steps per stage ({e.double})")
+    p.add_argument(
+        "--double", type=int, help="ect: steps per stage (default: the run's steps / stages)"
+    )
     p.add_argument("--k", type=float, help=f"ect: n(t) = 1 + k·sigmoid(−b·t) (k = {e.k:g})")
     p.add_argument("--b", type=float, help=f"ect: b of n(t) ({e.b:g})")
     p.add_argument(

@@ -112,14 +112,17 @@ def from_data(
     return data, section, net_spec, build_for_data(net_spec, section.shape)
 
 
-def training_section(run: RunOptions, shape, steps_key: str, recipe: str, options: dict):
-    """The loop's settings (the data kind's defaults where not given) and the recipe's options."""
+def training_section(
+    run: RunOptions, shape, steps_key: str, recipe: str, options: dict, lr_scale: float = 1.0
+):
+    """The loop's settings (the data kind's defaults where not given, the learning rate times
+    the recipe's `lr_scale`) and the recipe's options."""
     defaults = defaults_for(tuple(shape))
     section = TrainingSection(
         recipe=recipe,
         steps=defaults[steps_key] if run.steps is None else run.steps,
         batch_size=defaults["batch_size"] if run.batch_size is None else run.batch_size,
-        lr=defaults["lr"] if run.lr is None else run.lr,
+        lr=defaults["lr"] * lr_scale if run.lr is None else run.lr,
         ema_rate=run.ema_rate,
         seed=run.seed,
         options=options,
