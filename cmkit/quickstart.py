@@ -1,7 +1,9 @@
-"""`cmkit quickstart`: teacher, distillation and iCT on the built-in digits, in minutes.
+"""`cmkit quickstart`: a teacher and its few-step students on the built-in digits, in minutes.
 
-Writes <out>/teacher, <out>/cd, <out>/ict (ordinary run directories), <out>/samples.png
-comparing the samplers, and <out>/report.md. A stage whose run exists is resumed (or reused
+Writes <out>/teacher and one run per consistency recipe (<out>/ect by default; cd and ict on
+request: ordinary run directories), <out>/samples.png comparing the samplers, and
+<out>/report.md. ECT is the default because it was the best one-step recipe on digits in
+BENCHMARKS.md, at less training time than CD. A stage whose run exists is resumed (or reused
 when complete), so an interrupted quickstart picks up where it stopped.
 """
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from cmkit import recipes
 from cmkit.data import load_data, run_splits, to_unit
+from cmkit.errors import OptionError
 from cmkit.generate import generate, load_model
 from cmkit.metrics import energy_distance
 from cmkit.plots import image_grid, save_panels
@@ -17,13 +20,30 @@ from cmkit.process import EDMProcess
 from cmkit.runs import load_config
 
 DATA = "digits"
-SAMPLERS = [  # (title, run, sampling options, network evaluations)
-    ("teacher Heun", "teacher", {"steps": 18, "solver": "heun"}, 35),
-    ("CD 1 step", "cd", {"steps": 1}, 1),
-    ("CD 2 steps", "cd", {"steps": 2}, 2),
-    ("iCT 1 step", "ict", {"steps": 1}, 1),
-    ("iCT 2 steps", "ict", {"steps": 2}, 2),
-]
+TEACHER = ("teacher Heun", "teacher", {"steps": 18, "solver": "heun"}, 35)
+CM_TITLES = {"ect": "ECT", "cd": "CD", "ict": "iCT"}  # the recipes it offers, in this order
+DEFAULT_RECIPES = ("ect",)
+
+
+def samplers(cm_recipes: tuple[str, ...]) -> list[tuple[str, str, dict, int]]:
+    """(title, run, sampling options, network evaluations): the teacher, then each recipe at
+    1 and 2 steps."""
+    rows = [TEACHER]
+    for name in cm_recipes:
+        title = CM_TITLES[name]
+        rows += [(f"{title} 1 step", name, {"steps": 1}, 1)]
+        rows += [(f"{title} 2 steps", name, {"steps": 2}, 2)]
+    return rows
+
+
+def check_recipes(cm_recipes: tuple[str, ...]) -> tuple[str, ...]:
+    """The requested recipes in the offered order, each once; one line for any other."""
+    unknown = [name for name in cm_recipes if name not in CM_TITLES]
+    if unknown or not cm_recipes:
+        raise OptionError(
+            "recipes", f"must be some of {', '.join(CM_TITLES)}, got {','.join(cm_recipes)!r}"
+        )
+    return tuple(name for name in CM_TITLES if name in cm_recipes)
 
 
 def _run_options(out: Path, steps: int, device: str, progress: bool) -> recipes.RunOptions:
@@ -37,37 +57,57 @@ def _run_options(out: Path, steps: int, device: str, progress: bool) -> recipes.
     )
 
 
+def _stages(out: Path, data: str) -> dict:
+    """name -> (steps key of the data kind's defaults, train(run options)); the teacher first,
+    since the students read it."""
+    teacher = str(out / "teacher")
+    ect = recipes.ECTOptions(init_from=teacher)
+    return {
+        "teacher": ("teacher_steps", lambda run: recipes.teacher_run(run, data, EDMProcess())),
+        "ect": ("cm_steps", lambda run: recipes.ect_run(run, data, EDMProcess(), ect)),
+        "cd": ("cm_steps", lambda run: recipes.distill_run(run, recipes.CDOptions(teacher))),
+        "ict": (
+            "cm_steps",
+            lambda run: recipes.ict_run(run, data, EDMProcess(), recipes.ICTOptions()),
+        ),
+    }
+
+
 def train_all(
-    out: Path, scale: float, device: str, progress: bool, data: str = DATA
+    out: Path,
+    scale: float,
+    device: str,
+    progress: bool,
+    data: str = DATA,
+    cm_recipes: tuple[str, ...] = DEFAULT_RECIPES,
 ) -> dict[str, float]:
-    """Train a teacher, its CD student and an iCT run on `data` with the default recipe
+    """Train a teacher and the `cm_recipes` students on `data` with their default options
     (step counts times `scale`); returns seconds per stage."""
     base = recipes.defaults_for(load_data(data).shape[1:])
-    steps = {
-        name: max(10, round(base[key] * scale))
-        for name, key in [("teacher", "teacher_steps"), ("cd", "cm_steps"), ("ict", "cm_steps")]
-    }
-    cd = recipes.CDOptions(teacher=str(out / "teacher"))
-    stages = {  # run in this order: distillation reads the teacher run
-        "teacher": lambda run: recipes.teacher_run(run, data, EDMProcess()),
-        "cd": lambda run: recipes.distill_run(run, cd),
-        "ict": lambda run: recipes.ict_run(run, data, EDMProcess(), recipes.ICTOptions()),
-    }
     seconds = {}
-    for name, train in stages.items():
+    for name, (key, train) in _stages(out, data).items():
+        if name != "teacher" and name not in cm_recipes:
+            continue
         start = time.perf_counter()
-        train(_run_options(out / name, steps[name], device, progress))
+        train(_run_options(out / name, max(10, round(base[key] * scale)), device, progress))
         seconds[name] = time.perf_counter() - start
     return seconds
 
 
-def quickstart(out: Path, scale: float = 1.0, device: str = "cpu", progress: bool = True) -> Path:
+def quickstart(
+    out: Path,
+    scale: float = 1.0,
+    device: str = "cpu",
+    progress: bool = True,
+    cm_recipes: tuple[str, ...] = DEFAULT_RECIPES,
+) -> Path:
     """Run the whole pipeline and write the comparison PNG and report; returns the report."""
+    cm_recipes = check_recipes(cm_recipes)
     out.mkdir(parents=True, exist_ok=True)
-    seconds = train_all(out, scale, device, progress)
+    seconds = train_all(out, scale, device, progress, cm_recipes=cm_recipes)
     held_out = run_splits(load_config(out / "teacher").data)[1]
     panels, rows = [], []
-    for title, run, options, nfe in SAMPLERS:
+    for title, run, options, nfe in samplers(cm_recipes):
         model = load_model(str(out / run), device)
         x = generate(model, 500, seed=0, **options)
         panels.append((f"{title} ({nfe} NFE)", image_grid(to_unit(model.scaler.to_model(x[:64])))))

@@ -203,15 +203,25 @@ def test_help_lists_contract_commands():
 
 
 @pytest.mark.slow
-def test_quickstart_smoke(tmp_path):
-    """The main job end to end at a tiny scale: three runs, the PNG and the report."""
-    assert run_cli("quickstart", "--out", tmp_path, "--scale", "0.003", "--no-progress") == 0
-    for run in ("teacher", "cd", "ict"):
-        assert (tmp_path / run / "config.json").is_file()
+def test_quickstart_smoke(tmp_path, capsys):
+    """The main job end to end at a tiny scale: the teacher and ECT by default, the PNG and
+    the report; --recipes adds CD and iCT to the same teacher."""
+    quick = ["quickstart", "--out", tmp_path, "--scale", "0.003", "--no-progress"]
+    assert run_cli(*quick) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ect", "teacher"]
     assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
     report = (tmp_path / "report.md").read_text()
-    for title in ("teacher Heun | 35", "CD 1 step | 1", "CD 2 steps | 2", "iCT 1 step | 1"):
+    for title in ("teacher Heun | 35", "ECT 1 step | 1", "ECT 2 steps | 2"):
         assert title in report
+    assert "CD 1 step" not in report
+    assert run_cli(*quick, "--recipes", "ict,cd") == 0
+    report = (tmp_path / "report.md").read_text()
+    assert report.index("CD 1 step | 1") < report.index("iCT 2 steps | 2")
+    assert "ECT" not in report and (tmp_path / "cd" / "config.json").is_file()
+    capsys.readouterr()
+    assert run_cli(*quick, "--recipes", "ect,lcm") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--recipes must be some of ect, cd, ict, got 'ect,lcm'"), err
 
 
 def test_image_run_samples_png_grid(tmp_path):

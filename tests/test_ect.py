@@ -148,15 +148,27 @@ def test_default_stages_span_the_run_and_an_explicit_double_is_kept():
     assert check(recipes.ECTOptions(), steps=5).double == 1
 
 
-def test_ect_learning_rate_is_a_quarter_of_the_data_kinds_unless_given(tmp_path):
-    teacher_free = ["train", "--recipe", "ect", "--data", "moons", *TINY]
-    assert run_cli(*teacher_free, "--out", tmp_path / "a") == 0
-    assert run_cli(*teacher_free, "--lr", "0.003", "--out", tmp_path / "b") == 0
+def test_a_student_of_a_teacher_fine_tunes_at_a_quarter_of_the_learning_rate(moons_runs, tmp_path):
+    """ECT with --init-from and sCD from the teacher's weights: a quarter of the data kind's
+    rate; from scratch the full rate; --lr always wins."""
+    teacher = moons_runs / "teacher"
+    ect = ["train", "--recipe", "ect", "--data", "moons", *TINY]
+    scd = ["distill", "--recipe", "scd", "--teacher", teacher, *TINY]
+    runs = {
+        "a": [*ect, "--init-from", teacher],
+        "b": ect,
+        "c": [*ect, "--init-from", teacher, "--lr", "0.003"],
+        "d": scd,
+        "e": [*scd, "--no-init-from-teacher"],
+    }
+    for name, args in runs.items():
+        assert run_cli(*args, "--out", tmp_path / name) == 0, name
     lr = {
         name: json.loads((tmp_path / name / "config.json").read_text())["training"]["lr"]
-        for name in "ab"
+        for name in runs
     }
-    assert lr == {"a": VECTOR_DEFAULTS["lr"] / 4, "b": 0.003}
+    full = VECTOR_DEFAULTS["lr"]
+    assert lr == {"a": full / 4, "b": full, "c": 0.003, "d": full / 4, "e": full}
 
 
 def test_karras_times_are_uniform_along_the_ramp():

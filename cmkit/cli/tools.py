@@ -64,6 +64,12 @@ def add_quickstart(sub) -> None:
         default=1.0,
         help="multiply every step count (e.g. 0.1 for a smoke test)",
     )
+    p.add_argument(
+        "--recipes",
+        default="ect",
+        help="comma-separated students of the teacher to train and compare: ect (the default, "
+        "the best on digits), cd, ict (e.g. ect,cd,ict: about twice as long)",
+    )
     add_device(p)
 
 
@@ -72,7 +78,9 @@ def quickstart(args: argparse.Namespace) -> None:
 
     if args.scale <= 0:
         raise UserError(f"--scale must be > 0, got {args.scale}")
-    quickstart(Path(args.out), args.scale, check_device(args.device), not args.no_progress)
+    cm_recipes = tuple(name.strip() for name in args.recipes.split(",") if name.strip())
+    device = check_device(args.device)
+    quickstart(Path(args.out), args.scale, device, not args.no_progress, cm_recipes)
 
 
 def add_export(sub) -> None:

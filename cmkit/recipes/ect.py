@@ -13,8 +13,8 @@ starts from: on digits, 1500 steps from the teacher gave one-step FD-digitsnet 6
 3.1 with Karras times, 1000 samples against the held-out split); q = 2 as on CIFAR-10, with
 the run's steps spread evenly over the stages down to ECT_MIN_RATIO (so a resume with more
 steps stretches them, as iCT's curriculum follows the step count) where the paper fixes 25k
-steps per stage; a quarter of the data kind's learning rate (1e-4 on images: the paper's,
-with Adam as every cmkit recipe rather than RAdam); iCT's pseudo-Huber c.
+steps per stage; from a teacher, a quarter of the data kind's learning rate (1e-4 on images:
+the paper's, with Adam as every cmkit recipe rather than RAdam); iCT's pseudo-Huber c.
 """
 
 import copy
@@ -37,6 +37,7 @@ from cmkit.losses import (
 from cmkit.noise import ECT_P_MEAN, ECT_P_STD, MAX_SCALES, ECTSchedule
 from cmkit.process import Process
 from cmkit.recipes.common import (
+    FINE_TUNE_LR_SCALE,
     RunOptions,
     distance_for,
     fit,
@@ -50,10 +51,6 @@ from cmkit.train import check_grad_clip
 ECT_WEIGHTINGS = ("inverse-gap", "snr")
 ECT_DISTANCES = ("pseudo-huber", "l2")
 ECT_TIMES = ("karras", "lognormal")
-# ECT fine-tunes: a quarter of the data kind's learning rate (1e-4 on images, the paper's).
-# On digits (3000 steps from the teacher) 4e-4 took one-step FD to 2.26 by step 2250, then
-# back up to 5.45; 1e-4 kept improving to the end.
-ECT_LR_SCALE = 0.25
 
 
 @dataclass
@@ -107,7 +104,8 @@ def ect_run(run: RunOptions, data_spec: str, process: Process, opts: ECTOptions)
             "process", f"ect pairs t ~ lognormal over σ > 0; the {process.name} process starts at 0"
         )
     data, section, net_spec, net = from_data(run, data_spec, process)
-    training = training_section(run, section.shape, "cm_steps", "ect", {}, ECT_LR_SCALE)
+    lr_scale = FINE_TUNE_LR_SCALE if opts.init_from is not None else 1.0
+    training = training_section(run, section.shape, "cm_steps", "ect", {}, lr_scale)
     schedule = check(opts, training.steps)
     if opts.init_from is not None:
         teacher_spec, weights = _teacher(opts.init_from, process, net_spec)

@@ -9,8 +9,9 @@ sCD starts the student from the teacher's weights (like CD): an EDM teacher's ne
 its noise level as c_noise = ln(σ)/4, so such a student's process keeps that time input
 (TrigFlowProcess(time_input="edm")), with σ = σ_d·tan t and F = −F_EDM, which makes the
 student at step 0 exactly the teacher's denoiser. Deviations from the paper's settings, for
-runs of thousands of steps: Adam at the data kind's learning rate, warm-up 1000 steps (10k in
-the paper), no EMA-of-EMA; measured in BENCHMARKS.md.
+runs of thousands of steps: Adam at the data kind's learning rate (a quarter of it for a
+student started from its teacher, common.FINE_TUNE_LR_SCALE), warm-up 1000 steps (10k in the
+paper), no EMA-of-EMA; measured in BENCHMARKS.md.
 """
 
 import copy
@@ -27,7 +28,15 @@ from cmkit.losses import SCM_TIMES, AdaptiveWeight, SCMLoss, TrigFlowTimes
 from cmkit.networks.zoo import build_for_data
 from cmkit.noise import MAX_SCALES, SCM_P_MEAN, SCM_P_STD
 from cmkit.process import Process, TrigFlowProcess, trigflow_velocity
-from cmkit.recipes.common import RunOptions, fit, from_data, run_data, start, training_section
+from cmkit.recipes.common import (
+    FINE_TUNE_LR_SCALE,
+    RunOptions,
+    fit,
+    from_data,
+    run_data,
+    start,
+    training_section,
+)
 from cmkit.runs import load_network
 from cmkit.train import check_grad_clip
 
@@ -117,7 +126,8 @@ def scd_run(run: RunOptions, opts: SCDOptions) -> Path:
     net = teacher_net.train() if opts.init_from_teacher else build_for_data(net_spec, section.shape)
     teacher_net = copy.deepcopy(teacher_net).eval()
     options = {**asdict(opts), "teacher": str(Path(opts.teacher).resolve())}
-    training = training_section(run, section.shape, "cm_steps", "scd", options)
+    lr_scale = FINE_TUNE_LR_SCALE if opts.init_from_teacher else 1.0
+    training = training_section(run, section.shape, "cm_steps", "scd", options, lr_scale)
     teacher = teacher_process.denoiser(teacher_net.to(run.device).requires_grad_(False))
     lo, hi = _teacher_sigmas(teacher_process)
     loss = scm_loss(
