@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from benchmarks_md import write_section
 
+from cmkit.config import DataSection, RunConfig, TrainingSection
 from cmkit.data import Scaler
 from cmkit.generate import Model, generate, load_model
 from cmkit.networks.zoo import default_network
@@ -30,11 +31,12 @@ from cmkit.sampling import sample_ode, sample_onestep
 def default_model(backbone: str) -> Model:
     """An untrained default digits network: speed does not depend on the weights."""
     spec = default_network((1, 8, 8), backbone=backbone)
-    config = {"kind": "consistency", "network": spec, "data": {"shape": [1, 8, 8]}, "sampling": {}}
+    data = DataSection("digits", 0.1, (1, 8, 8), Scaler((8.0,), (8.0,)))
     process = EDMProcess()
+    config = RunConfig("consistency", process, spec, data, TrainingSection("none"))
     torch.manual_seed(0)
     net = build_network(spec).eval()
-    return Model(config, process, process.consistency(net), Scaler((8.0,), (8.0,)))
+    return Model(config, process.consistency(net))
 
 
 def variants(model: Model, batch: int) -> dict[str, Callable[[], object]]:
