@@ -218,6 +218,18 @@ def test_resume_refuses_other_settings(tmp_path, capsys, change, needle):
     assert json.loads((out / "state.json").read_text())["step"] == 4  # untouched
 
 
+def test_resume_accepts_a_run_saved_before_an_option_existed(tmp_path, capsys):
+    """A run whose config predates an option (its options lack the key) was trained as that
+    option's default: resume goes on (bench runs from before sCM's time_dist, for one)."""
+    out = tmp_path / "run"
+    assert cli(*COMMANDS["ict"], "--steps", 4, *SMALL, "--out", out) == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["training"]["options"]["pairs"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert cli(*COMMANDS["ict"], "--steps", 8, *SMALL, "--out", out, "--resume") == 0
+    assert json.loads((out / "state.json").read_text())["step"] == 8
+
+
 def test_resume_with_more_steps_continues(tmp_path):
     out = tmp_path / "run"
     assert cli(*COMMANDS["ict"], "--steps", 4, *SMALL, "--out", out) == 0

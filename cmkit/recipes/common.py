@@ -201,7 +201,8 @@ def _prepare_out(out: Path) -> Path:
 
 
 def _check_same_run(out: Path, saved: RunConfig, config: RunConfig) -> None:
-    """Resume continues the run it finds: everything but the step count must match.
+    """Resume continues the run it finds: everything but the step count must match (an
+    option added to the recipe after the run was saved counts as its default).
 
     The sampling section is not compared: tuned times belong to the weights they were tuned
     on, so the checkpoints to come drop them (see runs.store_times); the final N follows the
@@ -209,6 +210,10 @@ def _check_same_run(out: Path, saved: RunConfig, config: RunConfig) -> None:
     old, new = saved.to_dict(), json.loads(json.dumps(config.to_dict()))
     new["training"]["steps"] = old["training"]["steps"]
     new["sampling"] = old["sampling"]
+    # an option the saved run lacks was added since: the run was trained as its default
+    saved_options = old["training"].get("options") or {}
+    for key in set(new["training"].get("options") or {}) - set(saved_options):
+        del new["training"]["options"][key]
     changed = list(_differences(old, new))
     if changed:
         raise UserError(
