@@ -12,9 +12,10 @@ lognormal, `time_dist="lognormal"`, rarely visits the high noise levels one-step
 starts from: on digits, 1500 steps from the teacher gave one-step FD-digitsnet 6.6 against
 3.1 with Karras times, 1000 samples against the held-out split); q = 2 as on CIFAR-10, with
 the run's steps spread evenly over the stages down to ECT_MIN_RATIO (so a resume with more
-steps stretches them, as iCT's curriculum follows the step count) where the paper fixes 25k
-steps per stage; from a teacher, a quarter of the data kind's learning rate (1e-4 on images:
-the paper's, with Adam as every cmkit recipe rather than RAdam); iCT's pseudo-Huber c.
+steps stretches them, as iCT's curriculum follows the step count) where the paper fixes the
+steps per stage (`double`); from a teacher, a quarter of the data kind's learning rate (1e-4
+on images: the paper's, with Adam as every cmkit recipe rather than RAdam); iCT's
+pseudo-Huber c.
 """
 
 import copy
