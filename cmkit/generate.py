@@ -48,9 +48,17 @@ def load_model(run_dir: str, device: str = "cpu", which: str = "ema") -> Model:
 
 
 def cm_times(model: Model, steps: int | None, times: list[float] | None) -> list[float]:
-    """Intermediate times for a consistency run: explicit, stored by tuning, or the default."""
+    """Intermediate times for a consistency run: explicit, stored by tuning, or the default.
+    Explicit times fix the step count (one more than their number); a `steps` that says
+    otherwise is refused rather than ignored."""
     if times is not None:
         check_times(model.process, times)
+        if steps is not None and steps != len(times) + 1:
+            raise OptionError(
+                "steps",
+                f"is {steps}, but {len(times)} intermediate time(s) make {len(times) + 1} "
+                "steps: give one of the two, or both in agreement",
+            )
         return times
     steps = steps or 1
     stored = model.config.sampling.times.get(str(steps))

@@ -59,6 +59,16 @@ def test_sample_same_seed_same_samples(runs, tmp_path, run, extra):
     assert not np.array_equal(a, c)
 
 
+def test_sample_times_and_a_disagreeing_step_count_are_refused(runs, tmp_path, capsys):
+    base = ["sample", "--model", runs / "ict", "--n", 8, "--times", "1.0"]
+    assert run_cli(*base, "--steps", 2, "--out", tmp_path / "a.npy") == 0
+    capsys.readouterr()
+    assert run_cli(*base, "--steps", 3, "--out", tmp_path / "b.npy") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--steps is 3, but 1 intermediate time(s) make 2 steps" in err
+
+
 def test_samples_come_back_in_data_units(runs, tmp_path):
     """moons spans about ±3 by ±1.8 in its own units; model units would be near ±1."""
     out = tmp_path / "s.npy"
