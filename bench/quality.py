@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 TEACHER_NFE = [1, 2, 4, 8, 18, 35]
 CM_STEPS = [1, 2, 4]
-COST_RUNS = ("cd", "ict", "ect", "sct", "scd")  # in the cost table
 COST_TARGET = 1.25  # Q1 the cost table times
 # Measured on a digits teacher (Heun 35, 2000 samples), FD-digitsnet: against the held-out
 # split real data scores 0.97 (FD∞ 0.86), the teacher 1.26 (1.17). Against the training split
@@ -78,18 +77,21 @@ def tune(run_dir: Path, scorer: Scorer, n: int) -> dict[str, list[float]]:
     return load_model(str(run_dir)).config.sampling.times
 
 
-def run_data(name: str, runs: Path, scale: float, n: int | None) -> dict:
+def run_data(
+    name: str, runs: Path, scale: float, n: int | None, cm_runs: tuple[str, ...] = CM_RUNS
+) -> dict:
     spec = str(MNIST) if name == "mnist" else name
     out = runs / name
-    train_runs(out, spec, scale)
+    train_runs(out, spec, scale, only=cm_runs)
     seconds = {  # training time as recorded by each run, so reused runs report it too
         run: json.loads((out / run / "state.json").read_text())["seconds"]
-        for run in ("teacher", *CM_RUNS)
+        for run in ("teacher", *cm_runs)
     }
     teacher = load_model(str(out / "teacher"))
     scorer, tune_scorer, reference = scorers(teacher)
     n = n or (2000 if len(teacher.shape) == 3 else 5000)
     result = {"name": name, "seconds": seconds, "n": n, "reference": reference.label}
+    result["runs"] = cm_runs
     result["excess_key"] = scorer.primary.replace("FD-", "FD∞-") if scorer.fd_inf else "ED"
     rows = [floor_row(scorer, reference, n)]
     rows += [
@@ -97,21 +99,23 @@ def run_data(name: str, runs: Path, scale: float, n: int | None) -> dict:
         for row in evaluate(teacher, scorer, TEACHER_NFE, n)
     ]
     result["tuned"] = {}
-    for run in CM_RUNS:
+    for run in cm_runs:
         result["tuned"][run] = tune(out / run, tune_scorer, min(n, 2000))
         rows += [
             {**row, "sampler": f"{run.upper()} {row['sampler']}"}
             for row in evaluate(load_model(str(out / run)), scorer, CM_STEPS, n)
         ]
     base = next(r for r in rows if r["sampler"] == "teacher heun" and r["nfe"] == 35)
-    result["cost"] = cost_curves(out, scorer, base[scorer.primary], n)
+    result["cost"] = cost_curves(out, cm_runs, scorer, base[scorer.primary], n)
     return {**result, "rows": rows, "primary": scorer.primary}
 
 
-def cost_curves(out: Path, scorer: Scorer, teacher: float, n: int) -> dict:
+def cost_curves(
+    out: Path, cm_runs: tuple[str, ...], scorer: Scorer, teacher: float, n: int
+) -> dict:
     """Per CM run: (step, training seconds, one-step Q1) at every kept checkpoint."""
     curves = {}
-    for run in COST_RUNS:
+    for run in cm_runs:
         curves[run] = [
             (step, seconds, scorer.primary_value(generate(model, n, steps=1)) / teacher)
             for step, seconds, model in history(out / run)
@@ -168,7 +172,7 @@ def ratios(result: dict) -> dict[str, float]:
     by = {(r["sampler"], r["nfe"]): r[key] for r in result["rows"]}
     base = by[("teacher heun", 35)]
     return {f"{run.upper()} Q{k}": by[(_cm_label(run, k), k)] / base
-            for run in CM_RUNS for k in (1, 2)}  # fmt: skip
+            for run in result["runs"] for k in (1, 2)}  # fmt: skip
 
 
 def excess(result: dict) -> dict[str, float]:
@@ -177,7 +181,8 @@ def excess(result: dict) -> dict[str, float]:
     key = result["excess_key"]
     by = {(r["sampler"], r["nfe"]): r[key] for r in result["rows"]}
     floor = result["rows"][0][key]
-    labels = [("teacher heun", 35)] + [(_cm_label(run, k), k) for run in CM_RUNS for k in (1, 2)]
+    labels = [("teacher heun", 35)]
+    labels += [(_cm_label(run, k), k) for run in result["runs"] for k in (1, 2)]
     return {f"{label} ({nfe})" if label.startswith("teacher") else label: by[(label, nfe)] - floor
             for label, nfe in labels}  # fmt: skip
 
@@ -188,7 +193,8 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     key = result["excess_key"]
     styles = [("teacher euler", "o--"), ("teacher heun", "s--")]
-    styles += [(run.upper(), m + "-") for run, m in zip(CM_RUNS, "o^vDx*", strict=False)]
+    markers = dict(zip(CM_RUNS, "o^vDx*", strict=False))  # one marker per recipe in every plot
+    styles += [(run.upper(), markers[run] + "-") for run in result["runs"]]
     for prefix, style in styles:
         rows = [r for r in result["rows"] if f"{r['sampler']} ".startswith(prefix + " ")]
         ax.plot([r["nfe"] for r in rows], [r[key] for r in rows], style, label=prefix)
@@ -268,16 +274,25 @@ def main() -> None:
     parser.add_argument("--runs", default="bench_runs/quality")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply training steps")
     parser.add_argument("--n", type=int, help="samples per evaluation")
+    parser.add_argument(
+        "--recipes",
+        default=",".join(CM_RUNS),
+        help=f"consistency recipes to train and compare beside the teacher ({','.join(CM_RUNS)})",
+    )
     args = parser.parse_args()
+    cm_runs = tuple(r for r in CM_RUNS if r in args.recipes.split(","))
+    if not cm_runs or set(args.recipes.split(",")) - set(CM_RUNS):
+        parser.error(f"--recipes must be some of {','.join(CM_RUNS)}, got {args.recipes!r}")
     start = time.perf_counter()
     for name in [d for d in args.data.split(",") if d]:
-        result = run_data(name, Path(args.runs), args.scale, args.n)
+        result = run_data(name, Path(args.runs), args.scale, args.n, cm_runs)
         plot_path, cost_path = f"bench/quality-{name}.png", f"bench/quality-{name}-cost.png"
         plot(result, ROOT / plot_path)
         plot_cost(result, ROOT / cost_path)
         command = f"python bench/quality.py --data {name}"
         command += f" --scale {args.scale}" if args.scale != 1.0 else ""
         command += f" --n {args.n}" if args.n else ""
+        command += f" --recipes {','.join(cm_runs)}" if cm_runs != CM_RUNS else ""
         write(result, command, plot_path, cost_path)
     print(f"total {(time.perf_counter() - start) / 60:.1f} min")
 

@@ -6,6 +6,7 @@ built-ins are scikit-learn's bundled digits or generated from a fixed seed.
 """
 
 import gzip
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ TOY_SAMPLES = 20000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes: magic 0x00000803 for (N, H, W) images
 GRAY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "F")
+NPZ_DATA_KEYS = ("x_train", "x", "images", "data")  # an .npz's data array, first match
+CHANNELS = (1, 3, 4)  # gray, RGB, RGBA: what a channel axis of saved images holds
 
 
 def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -99,7 +102,7 @@ def load_data(spec: str) -> np.ndarray:
     if path.is_dir():
         return _validate(_load_image_folder(path), spec)
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
-        return _validate(_load_numpy(path), spec)
+        return _validate(_channels_first(_load_numpy(path), spec), spec)
     if path.is_file() and is_idx(path):
         return _validate(_load_idx_images(path), spec)
     builtins = ", ".join(("digits", "tinted-digits", *BUILTIN_TOYS))
@@ -191,12 +194,41 @@ def read_array(path: Path) -> np.ndarray:
 
 
 def _npz_key(keys: list[str], path: Path) -> str:
-    """'x_train' if present, else the only array; ambiguous archives are an error."""
-    if "x_train" in keys:
-        return "x_train"
+    """The first of NPZ_DATA_KEYS present, else the only array; other archives are an error."""
+    key = next((k for k in NPZ_DATA_KEYS if k in keys), None)
+    if key is not None:
+        return key
     if len(keys) == 1:
         return keys[0]
-    raise UserError(f"{path} holds arrays {keys}; expected a key 'x_train' or exactly one array")
+    raise UserError(
+        f"{path} holds arrays {keys}; expected one named {', '.join(NPZ_DATA_KEYS)}, "
+        "or exactly one array"
+    )
+
+
+def is_channels_last(shape: tuple[int, ...]) -> bool:
+    """(N, H, W, C) with C = 1, 3 or 4 and H not: how PIL, TensorFlow and most saved image
+    arrays lay images out. Anything else with four axes is cmkit's own (N, C, H, W)."""
+    four = len(shape) == 4 and 0 not in shape  # an empty array is refused as it came
+    return four and shape[3] in CHANNELS and shape[1] not in CHANNELS
+
+
+_NOTICED: set[str] = set()  # sources whose layout notice was printed (once per process)
+
+
+def _channels_first(x: np.ndarray, source: str) -> np.ndarray:
+    """A channels-last image array as (N, C, H, W), saying so once on stderr."""
+    if not is_channels_last(x.shape):
+        return x
+    n, h, w, c = x.shape
+    if source not in _NOTICED:
+        _NOTICED.add(source)
+        print(
+            f"cmkit: {source}: read the {x.shape} array as {n} channels-last images of "
+            f"{h}x{w} with {c} channel(s), stored as ({n}, {c}, {h}, {w})",
+            file=sys.stderr,
+        )
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _load_image_folder(folder: Path) -> np.ndarray:

@@ -79,6 +79,37 @@ def test_npz_x_train_gets_channel_axis(tmp_path):
     np.testing.assert_array_equal(x[:, 0], images)
 
 
+@pytest.mark.parametrize("key", ["x", "images", "data"])
+def test_npz_common_data_keys_beside_labels(tmp_path, key):
+    """A CIFAR-style archive (x, y, classes) loads its images; x_train would win over x."""
+    images = np.random.default_rng(0).random((5, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", **{key: images}, y=np.arange(5), classes=np.array([1, 2]))
+    np.testing.assert_array_equal(load_data(str(tmp_path / "c.npz")), images)
+    np.savez(tmp_path / "d.npz", x=images[:2], x_train=images)
+    assert load_data(str(tmp_path / "d.npz")).shape == (5, 3, 4, 4)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_channels_last_images_are_read_channels_first_with_a_notice(tmp_path, capsys, channels):
+    hwc = np.random.default_rng(0).integers(0, 256, size=(6, 16, 12, channels), dtype=np.uint8)
+    path = tmp_path / f"nhwc{channels}.npy"
+    np.save(path, hwc)
+    x = load_data(str(path))
+    assert x.shape == (6, channels, 16, 12) and x.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(x, hwc.transpose(0, 3, 1, 2))
+    (notice,) = capsys.readouterr().err.strip().splitlines()
+    assert "channels-last images of 16x12" in notice and f"(6, {channels}, 16, 12)" in notice
+    load_data(str(path))
+    assert capsys.readouterr().err == ""  # once per process
+
+
+def test_channels_first_and_ambiguous_arrays_keep_their_layout(tmp_path, capsys):
+    for shape in [(6, 3, 16, 16), (6, 1, 8, 3), (6, 4, 4, 3)]:  # C first, or both could be C
+        np.save(tmp_path / "a.npy", np.zeros(shape, dtype=np.float32))
+        assert load_data(str(tmp_path / "a.npy")).shape == shape
+    assert capsys.readouterr().err == ""
+
+
 MNIST_NPZ = Path("/work/shared/data/mnist.npz")  # a development copy; the library never needs it
 
 
@@ -139,7 +170,7 @@ def test_npz_single_array_and_ambiguous(tmp_path):
     np.savez(tmp_path / "one.npz", points=np.ones((3, 2)))
     assert load_data(str(tmp_path / "one.npz")).shape == (3, 2)
     np.savez(tmp_path / "two.npz", a=np.ones((3, 2)), b=np.ones((3, 2)))
-    with pytest.raises(UserError, match="x_train"):
+    with pytest.raises(UserError, match="expected one named x_train, x, images, data"):
         load_data(str(tmp_path / "two.npz"))
 
 

@@ -19,7 +19,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from PIL import Image
 
 from cmkit.cli import build_parser, main
-from cmkit.data import load_data
+from cmkit.data import is_channels_last, load_data
 from cmkit.errors import UserError
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cmkit"
@@ -165,6 +165,8 @@ def check_load(path: Path, original: np.ndarray | None = None) -> None:
     assert np.isfinite(x).all()
     if original is not None:
         expected = original[:, None] if original.ndim == 3 else original
+        if is_channels_last(expected.shape):
+            expected = expected.transpose(0, 3, 1, 2)
         np.testing.assert_array_equal(x, expected.astype(np.float32))
 
 
