@@ -204,11 +204,11 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_help_lists_contract_commands():
-    proc = subprocess.run(
-        [sys.executable, "-m", "cmkit.cli", "--help"], capture_output=True, text=True
-    )
-    for command in ("train-teacher", "distill", "train", "sample", "quickstart"):
+@pytest.mark.parametrize("module", ["cmkit", "cmkit.cli"])
+def test_help_lists_contract_commands(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for command in ("train-teacher", "distill", "train", "sample", "quickstart", "export"):
         assert command in proc.stdout
 
 
