@@ -7,7 +7,7 @@ Reports images per second and ratios to eager (medians over rounds), and writes 
 BENCHMARKS.md. Without --model it trains (or reuses) a digits iCT run with the default network
 in bench_runs/export-digits-ict.
 
-    OMP_NUM_THREADS=1 python bench/export.py [--model RUN] [--rounds 30] [--batches 1,64]
+    python bench/export.py [--model RUN] [--rounds 30] [--batches 1,64]
 """
 
 import argparse
@@ -68,8 +68,8 @@ def variants(sampler, program, session, batch: int) -> tuple[dict, dict]:
 
 def report(results: dict, command: str, label: str) -> str:
     lines = [
-        f"Measured {datetime.date.today()} on 2 CPU cores, one thread (OMP_NUM_THREADS=1; "
-        f"onnxruntime given the same), with `{command}` ({label}); the machine was shared.",
+        f"Measured {datetime.date.today()} on 2 CPU cores with `{command}` ({label}): "
+        f"{torch.get_num_threads()} torch thread(s), onnxruntime given the same.",
         "Medians over interleaved rounds in one process; the ratios are what to trust.",
         "",
         "| batch | variant | images/s | time / torch eager | max abs diff to eager |",
@@ -104,9 +104,7 @@ def main() -> None:
         for batch in [int(b) for b in args.batches.split(",")]:
             fns, diffs = variants(*loaded, batch)
             results[batch] = (measure(fns, args.rounds), diffs)
-    command = "OMP_NUM_THREADS=1 python bench/export.py" + (
-        f" --model {args.model}" if args.model else ""
-    )
+    command = "python bench/export.py" + (f" --model {args.model}" if args.model else "")
     table = report(results, command, label)
     print(table)
     write_section("export", "Exported sampler: onnxruntime against torch eager", table)
