@@ -42,6 +42,8 @@ class DataSection:
     holdout: float
     shape: tuple[int, ...]
     scaler: Scaler
+    key: str | None = None  # the .npz array the user named (None: found by name)
+    layout: str | None = None  # "nchw" or "nhwc" as the user said (None: detected)
 
 
 @dataclass
@@ -127,6 +129,8 @@ class RunConfig:
                     float(data["holdout"]),
                     tuple(int(n) for n in data["shape"]),
                     Scaler.from_dict(data["scaler"]),
+                    data.get("key"),
+                    data.get("layout"),
                 ),
                 training=TrainingSection(**d["training"]),
                 sampling=sampling,

@@ -84,25 +84,29 @@ def _tinted_digits() -> np.ndarray:
     return (images[:, None] * tint[:, :, None, None]).astype(np.float32)
 
 
-def load_data(spec: str) -> np.ndarray:
+def load_data(spec: str, key: str | None = None, layout: str | None = None) -> np.ndarray:
     """Raw data in the user's units, float32, shape (N, D) or (N, C, H, W).
 
     spec is "digits" (sklearn's 8x8 digits, 0..16), "tinted-digits" (the same in colour,
     3x8x8), a name from BUILTIN_TOYS (20000 2-D points, the same on every call), a .npy/.npz
     file, an IDX image file such as MNIST's train-images-idx3-ubyte (optionally .gz; 0..255),
-    or a folder of .png/.jpg images (0..255).
+    or a folder of .png/.jpg images (0..255). For .npy/.npz files, `key` names the archive's
+    array (else the first of NPZ_DATA_KEYS, or its only one) and `layout` ("nchw", "nhwc")
+    says how 4-D images are laid out (else channels-last is detected, see is_channels_last).
     """
+    path = Path(spec).expanduser()
+    arrays = path.is_file() and path.suffix.lower() in (".npy", ".npz")
+    _check_array_options(spec, key, layout, arrays, path.suffix.lower() == ".npz")
+    if arrays:
+        return _validate(_laid_out(_load_numpy(path, key), spec, layout), spec)
     if spec == "digits":
         return load_digits().images[:, None].astype(np.float32)
     if spec == "tinted-digits":
         return _tinted_digits()
     if spec in _TOYS:
         return _TOYS[spec](TOY_SAMPLES, np.random.default_rng(0)).astype(np.float32)
-    path = Path(spec).expanduser()
     if path.is_dir():
         return _validate(_load_image_folder(path), spec)
-    if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
-        return _validate(_channels_first(_load_numpy(path), spec), spec)
     if path.is_file() and is_idx(path):
         return _validate(_load_idx_images(path), spec)
     builtins = ", ".join(("digits", "tinted-digits", *BUILTIN_TOYS))
@@ -159,14 +163,29 @@ def _load_idx_images(path: Path) -> np.ndarray:
     return x[:, None]
 
 
-def _load_numpy(path: Path) -> np.ndarray:
+LAYOUTS = ("nchw", "nhwc")
+
+
+def _check_array_options(
+    spec: str, key: str | None, layout: str | None, arrays: bool, npz: bool
+) -> None:
+    """--data-key names an .npz member and --layout an array's axes: one line elsewhere."""
+    if layout is not None and layout not in LAYOUTS:
+        raise UserError(f"layout must be 'nchw' or 'nhwc', got {layout!r}")
+    if key is not None and not npz:
+        raise UserError(f"--data-key {key!r} names an array of an .npz archive; {spec} is not one")
+    if layout is not None and not arrays:
+        raise UserError(f"--layout applies to .npy/.npz arrays; {spec} is not one")
+
+
+def _load_numpy(path: Path, key: str | None = None) -> np.ndarray:
     """A .npy array, or the chosen array of a .npz archive with (N, H, W) -> (N, 1, H, W)."""
-    x = read_array(path)
+    x = read_array(path, key)
     return x[:, None] if x.ndim == 3 and path.suffix.lower() == ".npz" else x
 
 
-def read_array(path: Path) -> np.ndarray:
-    """The array of a .npy file, or of a .npz archive its 'x_train' or only member.
+def read_array(path: Path, key: str | None = None) -> np.ndarray:
+    """The array of a .npy file, or of a .npz archive its member `key` (else found by name).
 
     Never unpickles (allow_pickle=False: an object array is an error, not code to run).
     A .npy file is memory-mapped, so a header claiming more data than the file holds is
@@ -177,7 +196,7 @@ def read_array(path: Path) -> np.ndarray:
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             return loaded
         with loaded:
-            key = _npz_key(loaded.files, path)
+            key = _npz_key(loaded.files, path) if key is None else _named(key, loaded.files, path)
             x = loaded[key]
         if not isinstance(x, np.ndarray):  # numpy hands back the raw bytes of non-.npy members
             raise ValueError(f"member {key!r} is not a .npy array")
@@ -206,6 +225,12 @@ def _npz_key(keys: list[str], path: Path) -> str:
     )
 
 
+def _named(key: str, keys: list[str], path: Path) -> str:
+    if key not in keys:
+        raise UserError(f"{path} has no array {key!r}; it holds {keys}")
+    return key
+
+
 def is_channels_last(shape: tuple[int, ...]) -> bool:
     """(N, H, W, C) with C = 1, 3 or 4 and H not: how PIL, TensorFlow and most saved image
     arrays lay images out. Anything else with four axes is cmkit's own (N, C, H, W)."""
@@ -214,6 +239,15 @@ def is_channels_last(shape: tuple[int, ...]) -> bool:
 
 
 _NOTICED: set[str] = set()  # sources whose layout notice was printed (once per process)
+
+
+def _laid_out(x: np.ndarray, source: str, layout: str | None) -> np.ndarray:
+    """(N, C, H, W) images from an array the user laid out as `layout`, or as detected."""
+    if layout is not None and x.ndim != 4:
+        raise UserError(f"{source}: --layout {layout} needs 4-D images; the array is {x.shape}")
+    if layout == "nhwc":
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return _channels_first(x, source) if layout is None else x
 
 
 def _channels_first(x: np.ndarray, source: str) -> np.ndarray:
@@ -225,7 +259,8 @@ def _channels_first(x: np.ndarray, source: str) -> np.ndarray:
         _NOTICED.add(source)
         print(
             f"cmkit: {source}: read the {x.shape} array as {n} channels-last images of "
-            f"{h}x{w} with {c} channel(s), stored as ({n}, {c}, {h}, {w})",
+            f"{h}x{w} with {c} channel(s), stored as ({n}, {c}, {h}, {w}) (--layout nchw if "
+            "not)",
             file=sys.stderr,
         )
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
@@ -317,7 +352,7 @@ def split_holdout(x: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.nda
 
 def run_splits(section) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) split of a run's data, from its config's data section."""
-    return split_holdout(load_data(section.spec), section.holdout)
+    return split_holdout(load_data(section.spec, section.key, section.layout), section.holdout)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, run_cli
 from PIL import Image
 
 from cmkit.data import (
@@ -16,9 +17,11 @@ from cmkit.data import (
     load_data,
     load_image,
     read_idx,
+    run_splits,
     split_holdout,
 )
 from cmkit.errors import UserError
+from cmkit.runs import load_config
 
 
 def test_digits_raw_units():
@@ -108,6 +111,42 @@ def test_channels_first_and_ambiguous_arrays_keep_their_layout(tmp_path, capsys)
         np.save(tmp_path / "a.npy", np.zeros(shape, dtype=np.float32))
         assert load_data(str(tmp_path / "a.npy")).shape == shape
     assert capsys.readouterr().err == ""
+
+
+def test_data_key_and_layout_are_kept_by_the_run(tmp_path, capsys):
+    """--data-key picks the archive's array and --layout its axes; the run stores both, so
+    every later read of its data (held-out split, eval) is the same array."""
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "c.npz", x_train=np.zeros((40, 1, 8, 8)), images=hwc, y=np.arange(40))
+    net = ["--network", '{"channels": 8}']
+    train = ["train-teacher", "--data", tmp_path / "c.npz", *net, *TINY]
+    args = [*train, "--data-key", "images", "--layout", "nhwc", "--out", tmp_path / "run"]
+    assert run_cli(*args) == 0
+    assert "channels-last" not in capsys.readouterr().err  # said, not detected
+    section = load_config(tmp_path / "run").data
+    assert (section.key, section.layout, section.shape) == ("images", "nhwc", (3, 8, 8))
+    train_x, held_out = run_splits(section)
+    assert len(train_x) + len(held_out) == 40 and train_x.shape[1:] == (3, 8, 8)
+    assert {float(v) for v in np.unique(held_out)} <= {float(v) for v in np.unique(hwc)}
+    assert held_out.max() > 0  # the images, not the zeros of x_train
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--data-key", "labels"], "has no array 'labels'; it holds"),
+        (["--data-key", "y"], "array has shape (40,)"),
+        (["--layout", "nhwc", "--data", "digits"], "--layout applies to .npy/.npz arrays"),
+        (["--data-key", "x", "--data", "moons"], "names an array of an .npz archive"),
+    ],
+)
+def test_bad_data_key_or_layout_is_one_line(tmp_path, capsys, extra, message):
+    np.savez(tmp_path / "c.npz", x=np.ones((40, 2)), y=np.arange(40))
+    args = ["train-teacher", "--data", tmp_path / "c.npz", *TINY, "--out", tmp_path / "r"]
+    assert run_cli(*args, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
 
 
 MNIST_NPZ = Path("/work/shared/data/mnist.npz")  # a development copy; the library never needs it

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cmkit import recipes
 from cmkit.cli.options import add_device, check_device, clip_norm, flag, json_object, require
+from cmkit.data import LAYOUTS
 from cmkit.errors import OptionError
 from cmkit.jvp import JVP_METHODS
 from cmkit.losses import DISTANCES, SCM_TIMES
@@ -38,6 +39,16 @@ def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--config", help="TOML or JSON file of options (same keys as the flags)")
     if data:
         p.add_argument("--data", help=DATA_HELP)
+        p.add_argument(
+            "--data-key",
+            help="the .npz array to train on (default: x_train, x, images, data or its only one)",
+        )
+        p.add_argument(
+            "--layout",
+            choices=LAYOUTS,
+            help="how a 4-D array's axes are laid out (default: channels-last (N, H, W, 1|3|4) "
+            "is detected, with a notice)",
+        )
     p.add_argument("--out", help="run directory to create (or continue with --resume)")
     p.add_argument("--steps", type=int, help="optimiser steps (default depends on the data)")
     p.add_argument("--batch-size", type=int, help="batch size (default depends on the data)")
@@ -116,6 +127,8 @@ def _run_options(args: argparse.Namespace) -> recipes.RunOptions:
         on_nonfinite=args.on_nonfinite,
         network=getattr(args, "network", {}),
         backbone=args.backbone,
+        data_key=getattr(args, "data_key", None),
+        layout=getattr(args, "layout", None),
     )
 
 

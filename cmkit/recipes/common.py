@@ -62,6 +62,8 @@ class RunOptions:
     on_nonfinite: str = "stop"  # or "skip": drop batches with a NaN/inf loss or gradient
     network: dict = field(default_factory=dict)  # overrides of the default network kwargs
     backbone: str | None = None  # "builtin" or "diffusers-unet"; None: builtin (cd: teacher's)
+    data_key: str | None = None  # the data's array in an .npz (None: found by name)
+    layout: str | None = None  # "nchw" or "nhwc" of 4-D arrays (None: detected)
 
 
 def defaults_for(shape: tuple[int, ...]) -> dict:
@@ -90,13 +92,20 @@ def distance_for(name: str, shape: tuple[int, ...], c: float | None = None):
         raise OptionError("distance", str(err).removeprefix("unknown distance ")) from None
 
 
-def load_training_data(spec: str, holdout: float, sigma_data: float) -> tuple[Batch, DataSection]:
-    """Training split in model units (vectors scaled to std σ_data), and its config section."""
+def load_training_data(
+    spec: str,
+    holdout: float,
+    sigma_data: float,
+    key: str | None = None,
+    layout: str | None = None,
+) -> tuple[Batch, DataSection]:
+    """Training split in model units (vectors scaled to std σ_data), and its config section
+    (with the .npz key and layout the user gave, so every later read is the same)."""
     path = Path(spec)
     spec = str(path.resolve()) if path.exists() else spec
-    train_x, _ = datalib.split_holdout(datalib.load_data(spec), holdout)
+    train_x, _ = datalib.split_holdout(datalib.load_data(spec, key, layout), holdout)
     scaler = datalib.Scaler.fit(train_x, sigma_data)
-    section = DataSection(spec, holdout, tuple(train_x.shape[1:]), scaler)
+    section = DataSection(spec, holdout, tuple(train_x.shape[1:]), scaler, key, layout)
     return Batch(torch.from_numpy(scaler.to_model(train_x))), section
 
 
@@ -112,7 +121,9 @@ def from_data(
 ) -> tuple[Batch, DataSection, NetworkSpec, nn.Module]:
     """Seeded start of a run trained on data: training split, data section, network spec, net."""
     torch.manual_seed(run.seed)
-    data, section = load_training_data(spec, run.holdout, process.sigma_data)
+    data, section = load_training_data(
+        spec, run.holdout, process.sigma_data, run.data_key, run.layout
+    )
     net_spec = default_network(section.shape, run.network, run.backbone or "builtin")
     return data, section, net_spec, build_for_data(net_spec, section.shape)
 
