@@ -12,49 +12,18 @@ from cmkit import recipes
 from cmkit.data import load_data
 from cmkit.generate import Model
 from cmkit.networks.zoo import build_network
-from cmkit.process import EDMProcess, TrigFlowProcess
 from cmkit.runs import load_config, load_weights
 
-CM_RUNS = ("cd", "ict", "ect", "sct", "scd")
+CM_RUNS = recipes.STUDENTS
 LABELS = {"cd": "CD", "ict": "iCT", "ect": "ECT", "sct": "sCT", "scd": "sCD"}
 SNAPSHOTS = 12  # history points per run
 
 
-def stages(out: Path, data: str) -> dict:
-    """name -> (steps key of the data kind's defaults, train(run options)); in order, since
-    distillation and tuning read the teacher run."""
-    teacher = str(out / "teacher")
-    return {
-        "teacher": (
-            "teacher_steps",
-            lambda run: recipes.teacher_run(run, data, EDMProcess()),
-        ),
-        "cd": ("cm_steps", lambda run: recipes.distill_run(run, recipes.CDOptions(teacher))),
-        "ict": (
-            "cm_steps",
-            lambda run: recipes.ict_run(run, data, EDMProcess(), recipes.ICTOptions()),
-        ),
-        "ect": (
-            "cm_steps",
-            lambda run: recipes.ect_run(
-                run, data, EDMProcess(), recipes.ECTOptions(init_from=teacher)
-            ),
-        ),
-        "sct": (
-            "cm_steps",
-            lambda run: recipes.sct_run(run, data, TrigFlowProcess(), recipes.SCTOptions()),
-        ),
-        "scd": ("cm_steps", lambda run: recipes.scd_run(run, recipes.SCDOptions(teacher=teacher))),
-    }
-
-
-def train_runs(out: Path, data: str, scale: float = 1.0, only: tuple[str, ...] = ()) -> None:
-    """Train (or resume) the teacher and the CM runs in `only` (all when empty)."""
+def train_runs(out: Path, data: str, scale: float = 1.0, only: tuple[str, ...] = CM_RUNS) -> None:
+    """Train (or resume) the teacher and the CM runs in `only`."""
     base = recipes.defaults_for(load_data(data).shape[1:])
-    for name, (key, train) in stages(out, data).items():
-        if only and name != "teacher" and name not in only:
-            continue
-        steps = max(10, round(base[key] * scale))
+    for name, (key, train) in recipes.default_stages(out, data, only).items():
+        steps = recipes.scaled_steps(base, key, scale)
         run_dir = out / name
         print(f"== {data} {name}: {steps} steps", flush=True)
         train(

@@ -16,7 +16,6 @@ from cmkit.errors import OptionError
 from cmkit.generate import generate, load_model
 from cmkit.metrics import energy_distance
 from cmkit.plots import image_grid, save_panels
-from cmkit.process import EDMProcess
 from cmkit.runs import load_config
 
 DATA = "digits"
@@ -57,22 +56,6 @@ def _run_options(out: Path, steps: int, device: str, progress: bool) -> recipes.
     )
 
 
-def _stages(out: Path, data: str) -> dict:
-    """name -> (steps key of the data kind's defaults, train(run options)); the teacher first,
-    since the students read it."""
-    teacher = str(out / "teacher")
-    ect = recipes.ECTOptions(init_from=teacher)
-    return {
-        "teacher": ("teacher_steps", lambda run: recipes.teacher_run(run, data, EDMProcess())),
-        "ect": ("cm_steps", lambda run: recipes.ect_run(run, data, EDMProcess(), ect)),
-        "cd": ("cm_steps", lambda run: recipes.distill_run(run, recipes.CDOptions(teacher))),
-        "ict": (
-            "cm_steps",
-            lambda run: recipes.ict_run(run, data, EDMProcess(), recipes.ICTOptions()),
-        ),
-    }
-
-
 def train_all(
     out: Path,
     scale: float,
@@ -85,11 +68,9 @@ def train_all(
     (step counts times `scale`); returns seconds per stage."""
     base = recipes.defaults_for(load_data(data).shape[1:])
     seconds = {}
-    for name, (key, train) in _stages(out, data).items():
-        if name != "teacher" and name not in cm_recipes:
-            continue
+    for name, (key, train) in recipes.default_stages(out, data, cm_recipes).items():
         start = time.perf_counter()
-        train(_run_options(out / name, max(10, round(base[key] * scale)), device, progress))
+        train(_run_options(out / name, recipes.scaled_steps(base, key, scale), device, progress))
         seconds[name] = time.perf_counter() - start
     return seconds
 

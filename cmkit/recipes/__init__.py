@@ -7,7 +7,8 @@
   scm       continuous-time sCT (from data) and sCD (from a teacher) on TrigFlow, by JVP
 
 Each `*_run(run: RunOptions, ...)` trains (or resumes) one run directory and returns it;
-`common` holds the set-up they share. `TRAINING_RECIPES` are those `cmkit train --recipe`
+`common` holds the set-up they share; `stages` the teacher-then-students table the quickstart
+and the benches train from. `TRAINING_RECIPES` are those `cmkit train --recipe`
 offers: adding one is a module with an options dataclass and a run function, plus its entry.
 """
 
@@ -20,6 +21,7 @@ from cmkit.recipes.ct import CTOptions, ct_run
 from cmkit.recipes.ect import ECTOptions, ect_run
 from cmkit.recipes.ict import ICTOptions, ict_run
 from cmkit.recipes.scm import SCDOptions, SCTOptions, scd_run, sct_run
+from cmkit.recipes.stages import STUDENTS, default_stages, scaled_steps
 from cmkit.recipes.teacher import TeacherOptions, teacher_run
 
 
@@ -54,12 +56,15 @@ __all__ = [
     "RunOptions",
     "SCDOptions",
     "SCTOptions",
+    "STUDENTS",
     "TeacherOptions",
     "ct_run",
+    "default_stages",
     "defaults_for",
     "distill_run",
     "ect_run",
     "ict_run",
+    "scaled_steps",
     "scd_run",
     "sct_run",
     "teacher_run",
