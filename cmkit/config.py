@@ -44,6 +44,8 @@ class DataSection:
     scaler: Scaler
     key: str | None = None  # the .npz array the user named (None: found by name)
     layout: str | None = None  # "nchw" or "nhwc" as the user said (None: detected)
+    classes: tuple[str, ...] | None = None  # class names of a labelled run (None: unlabelled)
+    label_key: str | None = None  # the .npz label array the user named (None: found by name)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class RunConfig:
                 **asdict(self.data),
                 "shape": list(self.data.shape),
                 "scaler": self.data.scaler.to_dict(),
+                "classes": None if self.data.classes is None else list(self.data.classes),
             },
             "training": training,
             "sampling": sampling,
@@ -131,6 +134,8 @@ class RunConfig:
                     Scaler.from_dict(data["scaler"]),
                     data.get("key"),
                     data.get("layout"),
+                    _classes(data.get("classes")),
+                    data.get("label_key"),
                 ),
                 training=TrainingSection(**d["training"]),
                 sampling=sampling,
@@ -139,6 +144,10 @@ class RunConfig:
             raise
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise UserError(f"{source} is not a complete cmkit run config ({err!r})") from None
+
+
+def _classes(names) -> tuple[str, ...] | None:
+    return None if names is None else tuple(str(n) for n in names)
 
 
 def _upgrade_format_1(d: dict, source: str) -> dict:
