@@ -266,16 +266,43 @@ def _channels_first(x: np.ndarray, source: str) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def _load_image_folder(folder: Path) -> np.ndarray:
-    """All images in the folder sorted by name: (N, 1, H, W) if all are grayscale, else RGB."""
+def image_folder_files(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+    """(files, class index of each, class names) of an image folder, in the order read.
+
+    Images directly in the folder are one unnamed class; a folder holding none but with
+    subfolders of images (torchvision's ImageFolder layout) has one class per subfolder,
+    names sorted, files sorted by name within each.
+    """
     try:
-        files = sorted(
-            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = _images_in(folder)
+        classes = [] if files else sorted(d for d in folder.iterdir() if d.is_dir())
+        per_class = [_images_in(d) for d in classes]
     except OSError as e:
         raise UserError(f"cannot list folder {folder}: {e.strerror}") from None
-    if not files:
-        raise UserError(f"folder {folder} has no images; expected .png, .jpg or .jpeg files")
+    if files:
+        return files, [0] * len(files), []
+    kept = [(d.name, f) for d, f in zip(classes, per_class, strict=True) if f]
+    if not kept:
+        raise UserError(
+            f"folder {folder} has no images; expected .png, .jpg or .jpeg files, directly "
+            "or in one subfolder per class"
+        )
+    names = [name for name, _ in kept]
+    return (
+        [p for _, f in kept for p in f],
+        [i for i, (_, f) in enumerate(kept) for _ in f],
+        names,
+    )
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _load_image_folder(folder: Path) -> np.ndarray:
+    """All images of the folder (see image_folder_files): (N, 1, H, W) if all are grayscale,
+    else RGB."""
+    files, _, _ = image_folder_files(folder)
     images = [_open_image(p) for p in files]
     for path, image in zip(files, images, strict=True):
         if image.size != images[0].size:

@@ -23,6 +23,7 @@ from cmkit.batch import NO_COND, Cond
 from cmkit.errors import OptionError, UserError
 from cmkit.features import make_extractor
 from cmkit.generate import Model, generate
+from cmkit.labels import run_labels
 from cmkit.metrics import (
     energy_distance,
     extract_features,
@@ -170,8 +171,9 @@ class Reference:
     label: str  # for reports, e.g. "training split (1617)"
 
 
-def reference_splits(model: Model, which: str = "heldout") -> Reference:
-    """The reference `which` of the run's data and its real-data floor.
+def reference_splits(model: Model, which: str = "heldout", label: int | None = None) -> Reference:
+    """The reference `which` of the run's data and its real-data floor (of class `label`
+    only, when given, for scoring samples of that class).
 
     heldout: the held-out split, floored by the training split (the default; with 180 digits
     real data itself scores FD 0.97, about the teacher's). train: the training split, floored
@@ -187,6 +189,9 @@ def reference_splits(model: Model, which: str = "heldout") -> Reference:
         raise UserError(
             "this run was trained on all of its data (holdout 0); pass --data with held-out data"
         )
+    if label is not None:
+        y_train, y_held = run_labels(model.config.data, len(train) + len(held))
+        train, held = train[y_train == label], held[y_held == label]
     if which == "heldout":
         return Reference(which, held, train, f"held-out split ({len(held)})")
     if which == "train":

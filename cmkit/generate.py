@@ -1,5 +1,7 @@
 """Load a trained run and draw samples from it, in the user's units."""
 
+import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +13,7 @@ from cmkit.batch import NO_COND, Cond, cond_rows
 from cmkit.config import RunConfig
 from cmkit.data import Scaler
 from cmkit.errors import OptionError
+from cmkit.guidance import GuidedDenoiser
 from cmkit.process import Process
 from cmkit.runs import load_network
 from cmkit.sampling import check_times, clip_denoised, sample_multistep, sample_ode
@@ -42,9 +45,68 @@ class Model:
 
 
 def load_model(run_dir: str, device: str = "cpu", which: str = "ema") -> Model:
+    """A run's network wrapped for sampling; a labelled teacher's denoiser is guided by the
+    `guidance` conditioning (cmkit.guidance)."""
     config, net = load_network(run_dir, which)
     wrap = config.process.denoiser if config.kind == "teacher" else config.process.consistency
-    return Model(config, wrap(net.to(device)))
+    fn = wrap(net.to(device))
+    if config.kind == "teacher" and config.data.classes is not None:
+        fn = GuidedDenoiser(fn, len(config.data.classes))
+    return Model(config, fn)
+
+
+def conditioning(
+    model: Model, n: int, label: str | None = None, guidance: float | None = None
+) -> Cond:
+    """The conditioning of n samples: class `label` (an id, or "all": ids 0..K−1 in turn,
+    the default of a labelled run) and guidance scale w, checked against what the run was
+    trained for: a teacher guides at any w (default 0, the conditional model), a student
+    distilled at one w samples at that w, one distilled over [w_min, w_max] at any w in it."""
+    classes = model.config.data.classes
+    if classes is None:
+        for name, value in (("label", label), ("guidance", guidance)):
+            if value is not None:
+                raise OptionError(name, "applies to runs trained with --labels; this one has none")
+        return NO_COND
+    k = len(classes)
+    if label in (None, "all"):
+        labels = torch.arange(n) % k
+    elif label.isdigit() and int(label) < k:
+        labels = torch.full((n,), int(label))
+    else:
+        raise OptionError("label", f"must be a class id 0..{k - 1} or all, got {label!r}")
+    w = _guidance_for(model, guidance)
+    cond = {"labels": labels}
+    return cond if w is None else cond | {"guidance": torch.full((n,), w)}
+
+
+def _guidance_for(model: Model, w: float | None) -> float | None:
+    if w is not None and not (w >= 0 and math.isfinite(w)):
+        raise OptionError("guidance", f"must be a finite number >= 0, got {w}")
+    if model.kind == "teacher":
+        return w
+    trained = model.config.training.options.get("guidance")
+    if trained is None:
+        if w:
+            raise OptionError(
+                "guidance", "needs a student distilled with --guidance; this one was not"
+            )
+        return None
+    w_min, w_max = trained
+    if w is None:
+        return w_min
+    if w_min == w_max and w != w_min:
+        raise OptionError(
+            "guidance",
+            f"is {w:g}, but this student was distilled at w = {w_min:g}; sampling at other "
+            "scales needs one distilled with --guidance W_MIN:W_MAX",
+        )
+    if not w_min <= w <= w_max:
+        print(
+            f"cmkit: w = {w:g} lies outside the distilled range {w_min:g}:{w_max:g}",
+            file=sys.stderr,
+        )
+    return w
 
 
 def cm_times(model: Model, steps: int | None, times: list[float] | None) -> list[float]:

@@ -64,6 +64,16 @@ def json_object(text: str) -> dict:
     return value
 
 
+def guidance_scales(text: str) -> tuple[float, float]:
+    """A guidance scale W or range W_MIN:W_MAX (see guidance.parse_guidance)."""
+    from cmkit.guidance import parse_guidance
+
+    try:
+        return parse_guidance(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def clip_norm(text: str) -> float | str:
     """A gradient-norm bound, or 'none'/'off' for no clipping (kept as the string 'none')."""
     if text.lower() in ("none", "off"):
@@ -101,8 +111,21 @@ def config_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
         if not _valid_option(action, value):
             expected = ", ".join(action.choices) if action.choices else _kind_of(action)
             raise UserError(f"--config {path}: {key} = {value!r}; expected {expected}")
-        defaults[action.dest] = float(value) if action.type is float else value
+        if action.type is float:
+            value = float(value)
+        elif action.type is guidance_scales:
+            value = _guidance_value(key, value, path)
+        defaults[action.dest] = value
     return defaults
+
+
+def _guidance_value(key: str, value, path: str) -> tuple[float, float]:
+    from cmkit.guidance import check_guidance, parse_guidance
+
+    try:
+        return parse_guidance(value) if isinstance(value, str) else check_guidance(value)
+    except ValueError as err:
+        raise UserError(f"--config {path}: {key}: {err}") from None
 
 
 def _kind_of(action: argparse.Action) -> str:
@@ -115,6 +138,7 @@ def _kind_of(action: argparse.Action) -> str:
         ints: "a list of integers",
         json_object: "a table",
         clip_norm: "a number > 0 or 'none'",
+        guidance_scales: "W or W_MIN:W_MAX",
     }
     return names.get(action.type, "a string")
 
@@ -139,6 +163,10 @@ def _valid_option(action: argparse.Action, value) -> bool:
         ok = isinstance(value, dict)
     elif action.type is clip_norm:
         ok = value == "none" or (_is_number(value) and finite(value) and value > 0)
+    elif action.type is guidance_scales:  # options.json holds the parsed [w_min, w_max]
+        ok = isinstance(value, str) or (
+            isinstance(value, list) and len(value) == 2 and all(map(_is_number, value))
+        )
     else:
         ok = isinstance(value, str)
     return ok and (not action.choices or value in action.choices)

@@ -32,6 +32,7 @@ def add_sample(sub) -> None:
         help="CM: deterministic ODE v = (x − f)/t (trigflow: (cos t·x − f)/sin t)",
     )
     p.add_argument("--seed", type=int, default=0)
+    _add_conditioning(p)
     p.add_argument(
         "--noise",
         help="FILE.npy: float32 standard-normal noise (K, n, *shape) used instead of drawing "
@@ -39,6 +40,19 @@ def add_sample(sub) -> None:
         "intermediate time (K = a CM's steps; 1 for a teacher or --ode)",
     )
     add_device(p)
+
+
+def _add_conditioning(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--label",
+        help="labelled runs: the class id of every sample, or all (default: ids 0..K−1 in turn)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="labelled runs: classifier-free guidance scale w (teacher: any, default 0; a "
+        "guided student: the w it was distilled for, or any in its range)",
+    )
 
 
 def read_noise(path: str) -> np.ndarray:
@@ -64,7 +78,7 @@ def _reference_or_none(config) -> np.ndarray | None:
 
 
 def sample(args: argparse.Namespace) -> None:
-    from cmkit.generate import generate, load_model
+    from cmkit.generate import conditioning, generate, load_model
     from cmkit.plots import save_image_grid, save_scatter
 
     require(args, "model", "out")
@@ -87,6 +101,7 @@ def sample(args: argparse.Namespace) -> None:
         args.solver,
         args.ode,
         progress=not args.no_progress,
+        cond=conditioning(model, n, args.label, args.guidance),
         noise=noise,
     )
     if out.suffix == ".npy":
@@ -150,25 +165,30 @@ def add_eval(sub) -> None:
         "--fd-inf", action="store_true", help="images: add FD∞ (Chong & Forsyth 2020), slower"
     )
     p.add_argument("--json", help="also write the results to this JSON file")
+    _add_conditioning(p)
 
 
 def evaluate(args: argparse.Namespace) -> None:
     from cmkit.evaluate import evaluate, held_out, markdown_table, reference_splits
+    from cmkit.generate import conditioning
 
     if args.data and args.reference:
         raise UserError("--data and --reference both choose the reference; pass one")
     labels = {}
 
     def reference(model):
+        conditioning(model, 1, args.label, args.guidance)  # checks them before any work
         if args.data:
             return held_out(model, args.data)
-        chosen = reference_splits(model, args.reference or "heldout")
+        one_class = None if args.label in (None, "all") else int(args.label)
+        chosen = reference_splits(model, args.reference or "heldout", one_class)
         labels["reference"] = chosen.label
         return chosen.data
 
     model, scorer, n = _scoring(args, reference, args.fd_inf)
     default = [1, 2, 4] if model.kind != "teacher" else [1, 2, 4, 8, 18, 35]
-    rows = evaluate(model, scorer, args.nfe or default, n, args.seed)
+    cond = conditioning(model, n, args.label, args.guidance)
+    rows = evaluate(model, scorer, args.nfe or default, n, args.seed, cond)
     print(f"{args.model}: {n} samples against {len(scorer.reference)} reference samples")
     print(markdown_table(rows))
     if args.json:

@@ -9,7 +9,15 @@ from dataclasses import fields
 from pathlib import Path
 
 from cmkit import recipes
-from cmkit.cli.options import add_device, check_device, clip_norm, flag, json_object, require
+from cmkit.cli.options import (
+    add_device,
+    check_device,
+    clip_norm,
+    flag,
+    guidance_scales,
+    json_object,
+    require,
+)
 from cmkit.data import LAYOUTS
 from cmkit.errors import OptionError
 from cmkit.jvp import JVP_METHODS
@@ -19,6 +27,7 @@ from cmkit.process import PROCESSES, EDMProcess, make_process
 from cmkit.recipes.ct import MU_VARIANTS
 from cmkit.recipes.ect import ECT_TIMES, ECT_WEIGHTINGS
 from cmkit.recipes.ict import PAIRS, WEIGHTINGS
+from cmkit.recipes.teacher import P_UNCOND
 from cmkit.solvers import SOLVERS
 from cmkit.train import ON_NONFINITE
 
@@ -48,6 +57,15 @@ def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
             choices=LAYOUTS,
             help="how a 4-D array's axes are laid out (default: channels-last (N, H, W, 1|3|4) "
             "is detected, with a notice)",
+        )
+        p.add_argument(
+            "--labels",
+            action="store_true",
+            help="class-conditional: read the data's labels (.npz y_train/y/labels/targets, "
+            "class subfolders of an image folder, digits' digit)",
+        )
+        p.add_argument(
+            "--label-key", help="with --labels: the .npz array of labels (default: found by name)"
         )
     p.add_argument("--out", help="run directory to create (or continue with --resume)")
     p.add_argument("--steps", type=int, help="optimiser steps (default depends on the data)")
@@ -129,6 +147,8 @@ def _run_options(args: argparse.Namespace) -> recipes.RunOptions:
         backbone=args.backbone,
         data_key=getattr(args, "data_key", None),
         layout=getattr(args, "layout", None),
+        labels=getattr(args, "labels", False),
+        label_key=getattr(args, "label_key", None),
     )
 
 
@@ -169,6 +189,12 @@ def add_train_teacher(sub) -> None:
     )
     _add_run_options(p)
     _add_process(p)
+    p.add_argument(
+        "--p-uncond",
+        type=float,
+        help=f"with --labels: probability of training on the null label, which classifier-free "
+        f"guidance needs (default {P_UNCOND})",
+    )
 
 
 def train_teacher(args: argparse.Namespace) -> Path:
@@ -197,6 +223,12 @@ def add_distill(sub) -> None:
     p.add_argument("--mu", type=float, help=f"target EMA rate μ (default {d.mu})")
     p.add_argument(
         "--no-init-from-teacher", action="store_true", help="start the student from random weights"
+    )
+    p.add_argument(
+        "--guidance",
+        type=guidance_scales,
+        help="labelled teacher: distil its classifier-free-guided ODE at scale W, or over "
+        "W_MIN:W_MAX with w as the student's input (one student for every w)",
     )
     _add_scm_flags(p, times=True)
 

@@ -30,11 +30,21 @@ class DiffusersUNet(nn.Module):
     """F(x, c_noise) = UNet2DModel(x, 1000·c_noise). Shapes: x (B, C, H, W), c_noise (B,).
 
     The timestep goes in as a float tensor: UNet2DModel truncates a Python float to an integer.
+    With num_class_embeds = K + 1 the `labels` input goes in as class_labels, the last class
+    being the null label ∅ = K that stands in when no labels are given (as in the built-in
+    networks).
     """
 
     def __init__(self, **unet_kwargs) -> None:
         super().__init__()
         self.unet = require_diffusers().UNet2DModel(**unet_kwargs)
+        classes = unet_kwargs.get("num_class_embeds")
+        self.null_label = None if classes is None else classes - 1
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, **cond) -> torch.Tensor:
-        return self.unet(x, TIMESTEP_PER_C_NOISE * c_noise, return_dict=False)[0]
+    def forward(
+        self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None, **cond
+    ) -> torch.Tensor:
+        if self.null_label is not None and labels is None:
+            labels = torch.full((len(x),), self.null_label, dtype=torch.long, device=x.device)
+        timestep = TIMESTEP_PER_C_NOISE * c_noise
+        return self.unet(x, timestep, class_labels=labels, return_dict=False)[0]

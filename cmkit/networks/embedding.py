@@ -1,4 +1,5 @@
-"""Noise-level embeddings shared by the networks, chosen by name with `make_embedding`."""
+"""Embeddings shared by the networks: of the noise level (chosen by name with
+`make_embedding`), and of the conditioning, class labels and the guidance scale."""
 
 import math
 
@@ -63,3 +64,63 @@ def make_embedding(name: str, dim: int) -> nn.Module:
     if name == "fourier":
         return FourierEmbedding(dim)
     raise ValueError(f"unknown embedding {name!r}; expected {' or '.join(map(repr, EMBEDDINGS))}")
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's guidance-scale embedding (diffusers' `get_guidance_scale_embedding`): e = 1000·w,
+    f_i = exp(−ln(10⁴)·i/(h − 1)) for i < h = dim/2, features [sin(e·f), cos(e·f)], a zero
+    column appended when dim is odd. Shapes: w (B,) -> (B, dim)."""
+    half = dim // 2
+    # in diffusers' order of float32 operations: at e = 1000·w ~ 10⁴, rounding shows at 1e-4
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=w.dtype) * -step).to(w.device)
+    angles = (1000.0 * w)[:, None] * freqs[None, :]
+    features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return nn.functional.pad(features, (0, dim % 2))
+
+
+class ConditionEmbedding(nn.Module):
+    """What a network adds to its noise embedding for the sample's class and guidance scale.
+
+    num_classes K: a learned vector per class plus one for the null label ∅ = K, which
+    classifier-free guidance needs and which stands in when no labels are given, so a
+    conditional network also evaluates unconditionally. guidance_dim h: the guidance scale w
+    (LCM's guided distillation) through `guidance_embedding` and a bias-free linear layer that
+    starts at zero, so a student built from its teacher starts as the teacher at every w; with
+    no w given, w = 0. Shapes: emb (B, emb_dim), labels (B,) int64, guidance (B,) -> emb's.
+    """
+
+    def __init__(
+        self, emb_dim: int, num_classes: int | None = None, guidance_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if guidance_dim is not None and guidance_dim < 4:
+            raise ValueError(f"guidance_dim must be >= 4, got {guidance_dim}")
+        self.num_classes, self.guidance_dim = num_classes, guidance_dim
+        self.labels = None if num_classes is None else nn.Embedding(num_classes + 1, emb_dim)
+        self.guidance = None
+        if guidance_dim is not None:
+            self.guidance = nn.Linear(guidance_dim, emb_dim, bias=False)
+            nn.init.zeros_(self.guidance.weight)
+
+    def forward(
+        self,
+        emb: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        **ignored,
+    ) -> torch.Tensor:
+        """The noise embedding emb (B, emb_dim) plus the conditioning's; other inputs of the
+        batch's conditioning are not this network's and are ignored."""
+        batch, device = len(emb), emb.device
+        if self.labels is not None:
+            if labels is None:
+                labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+            emb = emb + self.labels(labels).to(emb.dtype)
+        if self.guidance is not None:
+            w = torch.zeros(batch, device=device) if guidance is None else guidance.float()
+            g = self.guidance(guidance_embedding(w.expand(batch), self.guidance_dim))
+            emb = emb + g.to(emb.dtype)
+        return emb

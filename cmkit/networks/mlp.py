@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from cmkit.networks.embedding import make_embedding
+from cmkit.networks.embedding import ConditionEmbedding, make_embedding
 
 
 class ResidualBlock(nn.Module):
@@ -26,7 +26,8 @@ class MLP(nn.Module):
     """Residual MLP over (B, D) vectors with a noise embedding. Output (B, D).
 
     embedding: "positional" (sinusoidal, the default) or "fourier" (random Fourier features,
-    see networks.embedding); both run under forward-mode AD (torch.func.jvp).
+    see networks.embedding); both run under forward-mode AD (torch.func.jvp). num_classes and
+    guidance_dim add the `labels` and `guidance` inputs (networks.embedding.ConditionEmbedding).
     """
 
     def __init__(
@@ -37,12 +38,15 @@ class MLP(nn.Module):
         emb_dim: int = 64,
         dropout: float = 0.0,
         embedding: str = "positional",
+        num_classes: int | None = None,
+        guidance_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.embed = nn.Sequential(
             make_embedding(embedding, emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU()
         )
+        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_dim)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim, dropout) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
@@ -50,7 +54,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, **cond) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"MLP expects input of shape (B, {self.dim}), got {tuple(x.shape)}")
-        emb = self.embed(c_noise)
+        emb = self.cond(self.embed(c_noise), **cond)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkit.networks.embedding import make_embedding
+from cmkit.networks.embedding import ConditionEmbedding, make_embedding
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -99,6 +99,8 @@ class UNet(nn.Module):
     attention_levels lists the levels (0 = full resolution) whose ResBlocks get self-attention;
     listing the lowest level also puts attention in the middle block. embedding: the c_noise
     features, "positional" (sinusoidal, the default) or "fourier" (see networks.embedding).
+    num_classes and guidance_dim add the `labels` and `guidance` inputs, summed into the
+    noise embedding (networks.embedding.ConditionEmbedding).
     Every op has a forward-mode AD rule on CPU and CUDA, so torch.func.jvp runs through it.
     Shapes: x (B, in_channels, H, W) with H, W divisible by 2**(levels-1), c_noise (B,).
     """
@@ -113,6 +115,8 @@ class UNet(nn.Module):
         emb_dim: int = 128,
         dropout: float = 0.0,
         embedding: str = "positional",
+        num_classes: int | None = None,
+        guidance_dim: int | None = None,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -129,6 +133,7 @@ class UNet(nn.Module):
         self.emb_mlp = nn.Sequential(
             nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim), nn.SiLU()
         )
+        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_dim)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         def block(cin: int, cout: int, attn: bool) -> ResBlock:
@@ -180,9 +185,9 @@ class UNet(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, **cond) -> torch.Tensor:
-        """x (B, C, H, W), c_noise (B,) -> (B, C, H, W)."""
+        """x (B, C, H, W), c_noise (B,), cond: labels (B,), guidance (B,) -> (B, C, H, W)."""
         self._check(x, c_noise)
-        emb = self.emb_mlp(self.freq_embed(c_noise).to(x.dtype))
+        emb = self.cond(self.emb_mlp(self.freq_embed(c_noise).to(x.dtype)), **cond)
         h = self.conv_in(x)
         skips = []
         for module in self.down:

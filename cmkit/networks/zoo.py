@@ -52,9 +52,13 @@ def build_for_data(spec: NetworkSpec, shape: tuple[int, ...]) -> nn.Module:
 
 
 def default_network(
-    shape: tuple[int, ...], overrides: dict | None = None, backbone: str = "builtin"
+    shape: tuple[int, ...],
+    overrides: dict | None = None,
+    backbone: str = "builtin",
+    num_classes: int | None = None,
 ) -> NetworkSpec:
-    """An MLP for vectors, a small UNet for images (two levels, or three from 32 px up).
+    """An MLP for vectors, a small UNet for images (two levels, or three from 32 px up),
+    taking class labels 0..num_classes−1 (and the null label) when num_classes is given.
 
     backbone "diffusers-unet" puts a diffusers UNet2DModel of the same widths in the UNet's
     place (one ResNet per level, attention in the middle block), which export-diffusers needs.
@@ -75,6 +79,9 @@ def default_network(
             spec = NetworkSpec(
                 "unet", {"in_channels": channels, "channels": 32, "channel_mult": mult}
             )
+    if num_classes is not None:
+        key = "num_class_embeds" if backbone == "diffusers-unet" else "num_classes"
+        spec.kwargs[key] = num_classes + (key == "num_class_embeds")  # + ∅ for diffusers
     spec.kwargs.update(overrides or {})
     return spec
 

@@ -1,5 +1,6 @@
 """Consistency distillation (Song et al. 2023, Algorithm 2): pairs of adjacent points on an
-N-point grid joined by one Euler or Heun step of a trained teacher's PF-ODE."""
+N-point grid joined by one Euler or Heun step of a trained teacher's PF-ODE; with guidance,
+the step of the classifier-free-guided teacher (LCM, Luo et al. 2023)."""
 
 import copy
 from dataclasses import asdict, dataclass
@@ -16,6 +17,8 @@ from cmkit.recipes.common import (
     RunOptions,
     distance_for,
     fit,
+    guided_teacher,
+    load_teacher_weights,
     run_data,
     start,
     training_section,
@@ -34,6 +37,7 @@ class CDOptions:
     mu: float = 0.0  # target EMA rate μ
     init_from_teacher: bool = True
     grad_clip: float | None = 1.0
+    guidance: tuple[float, float] | None = None  # distil the guided teacher: w_min, w_max
 
 
 def check(opts: CDOptions) -> None:
@@ -58,16 +62,17 @@ def distill_run(run: RunOptions, opts: CDOptions) -> Path:
     section = teacher_config.data
     data = run_data(section)
     net_spec = _student_network(teacher_config, run.backbone, opts.init_from_teacher)
+    teacher = process.denoiser(teacher_net.to(run.device).requires_grad_(False))
+    teacher, with_guidance = guided_teacher(opts.guidance, section, teacher, net_spec)
     net = build_for_data(net_spec, section.shape)
     if opts.init_from_teacher:
-        net.load_state_dict(teacher_net.state_dict())
+        load_teacher_weights(net, teacher_net)
     options = {**asdict(opts), "teacher": str(Path(opts.teacher).resolve())}
     training = training_section(run, section.shape, "cm_steps", "cd", options)
     sampling = SamplingSection(num_scales=opts.num_scales)
     config = RunConfig("consistency", process, net_spec, section, training, sampling)
     online, target = process.consistency(net), process.consistency(copy.deepcopy(net))
     state = start(run, config, online, target, net)
-    teacher = process.denoiser(teacher_net.to(run.device).requires_grad_(False))
     schedule = FixedScales(opts.num_scales, opts.mu)
     loss = ConsistencyLoss(
         process,
@@ -75,7 +80,7 @@ def distill_run(run: RunOptions, opts: CDOptions) -> Path:
         TeacherStep(teacher, opts.solver),
         distance_for(opts.distance, section.shape),
     )
-    return fit(run, config, state, data, loss, opts.grad_clip, schedule.target_mu)
+    return fit(run, config, state, data, with_guidance(loss), opts.grad_clip, schedule.target_mu)
 
 
 def _student_network(

@@ -6,6 +6,7 @@ dataclass and calls these; nothing here knows which recipe it serves.
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from cmkit import data as datalib
 from cmkit.batch import Batch
 from cmkit.config import DataSection, NetworkSpec, RunConfig, SamplingSection, TrainingSection
 from cmkit.errors import OptionError, UserError
+from cmkit.guidance import GUIDANCE_DIM, GuidedDenoiser, WithGuidance, check_guidance
+from cmkit.labels import load_labels, run_labels
 from cmkit.losses import make_distance
 from cmkit.networks.zoo import build_for_data, default_network
 from cmkit.noise import MAX_SCALES
@@ -64,6 +67,13 @@ class RunOptions:
     backbone: str | None = None  # "builtin" or "diffusers-unet"; None: builtin (cd: teacher's)
     data_key: str | None = None  # the data's array in an .npz (None: found by name)
     layout: str | None = None  # "nchw" or "nhwc" of 4-D arrays (None: detected)
+    labels: bool = False  # condition on the data's class labels (see cmkit.labels)
+    label_key: str | None = None  # the labels' array in an .npz (None: found by name)
+
+
+def num_classes(section: DataSection) -> int | None:
+    """K of a labelled run's data, None for an unlabelled one."""
+    return None if section.classes is None else len(section.classes)
 
 
 def defaults_for(shape: tuple[int, ...]) -> dict:
@@ -98,22 +108,34 @@ def load_training_data(
     sigma_data: float,
     key: str | None = None,
     layout: str | None = None,
+    labels: bool = False,
+    label_key: str | None = None,
 ) -> tuple[Batch, DataSection]:
-    """Training split in model units (vectors scaled to std σ_data), and its config section
-    (with the .npz key and layout the user gave, so every later read is the same)."""
+    """Training split in model units (vectors scaled to std σ_data), with its class labels as
+    the `labels` conditioning when asked for, and its config section (with the .npz keys and
+    layout the user gave, so every later read is the same)."""
+    if label_key is not None and not labels:
+        raise OptionError("label_key", f"{label_key!r} names the labels of --labels; add --labels")
     path = Path(spec)
     spec = str(path.resolve()) if path.exists() else spec
-    train_x, _ = datalib.split_holdout(datalib.load_data(spec, key, layout), holdout)
+    x = datalib.load_data(spec, key, layout)
+    classes = load_labels(spec, len(x), label_key).classes if labels else None
+    train_x, _ = datalib.split_holdout(x, holdout)
     scaler = datalib.Scaler.fit(train_x, sigma_data)
-    section = DataSection(spec, holdout, tuple(train_x.shape[1:]), scaler, key, layout)
-    return Batch(torch.from_numpy(scaler.to_model(train_x))), section
+    shape = tuple(train_x.shape[1:])
+    section = DataSection(spec, holdout, shape, scaler, key, layout, classes, label_key)
+    return run_data(section, x), section
 
 
-def run_data(section: DataSection) -> Batch:
-    """The training split of a run's data section in model units (a student reads its
-    teacher's data exactly as the teacher did)."""
-    train_x, _ = datalib.run_splits(section)
-    return Batch(torch.from_numpy(section.scaler.to_model(train_x)))
+def run_data(section: DataSection, raw: np.ndarray | None = None) -> Batch:
+    """The training split of a run's data section in model units, with its labels if it has
+    them (a student reads its teacher's data exactly as the teacher did). `raw`: the data
+    already loaded."""
+    raw = datalib.load_data(section.spec, section.key, section.layout) if raw is None else raw
+    train_x, _ = datalib.split_holdout(raw, section.holdout)
+    x0 = torch.from_numpy(section.scaler.to_model(train_x))
+    labels = run_labels(section, len(raw))
+    return Batch(x0) if labels is None else Batch(x0, {"labels": torch.from_numpy(labels[0])})
 
 
 def from_data(
@@ -122,9 +144,11 @@ def from_data(
     """Seeded start of a run trained on data: training split, data section, network spec, net."""
     torch.manual_seed(run.seed)
     data, section = load_training_data(
-        spec, run.holdout, process.sigma_data, run.data_key, run.layout
+        spec, run.holdout, process.sigma_data, run.data_key, run.layout, run.labels, run.label_key
     )
-    net_spec = default_network(section.shape, run.network, run.backbone or "builtin")
+    net_spec = default_network(
+        section.shape, run.network, run.backbone or "builtin", num_classes(section)
+    )
     return data, section, net_spec, build_for_data(net_spec, section.shape)
 
 
@@ -277,3 +301,39 @@ def _checkpoint(out: Path, config: RunConfig, state: TrainState, keep_history: b
     save_checkpoint(out, config, state)
     if keep_history:
         save_history(out, state)
+
+
+def guided_teacher(
+    guidance, section: DataSection, teacher, net_spec: NetworkSpec
+) -> tuple[object, Callable]:
+    """Guided distillation's teacher and loss wrapper (LCM, pixel space): with `guidance`
+    (w_min, w_max) the teacher becomes the guided denoiser D_w and each batch carries w;
+    when w_min < w_max the student's spec gains the w input (edited in place). Without
+    guidance: the teacher as it is and the loss unwrapped."""
+    if guidance is None:
+        return teacher, lambda loss: loss
+    try:
+        w_min, w_max = check_guidance(guidance)
+    except ValueError as err:
+        raise OptionError("guidance", str(err)) from None
+    if section.classes is None:
+        raise OptionError("guidance", "needs a teacher trained with --labels")
+    if w_min < w_max:
+        if net_spec.type not in ("mlp", "unet"):
+            raise OptionError(
+                "guidance",
+                f"a range of w needs the built-in networks' w input; a {net_spec.type} "
+                "student distils one w at a time",
+            )
+        net_spec.kwargs["guidance_dim"] = GUIDANCE_DIM
+    guided = GuidedDenoiser(teacher, len(section.classes))
+    return guided, lambda loss: WithGuidance(loss, w_min, w_max)
+
+
+def load_teacher_weights(net: nn.Module, teacher_net: nn.Module) -> None:
+    """The teacher's weights into a student of the same network, whose only extra weights
+    may be its w input (zero at the start, so the student starts as the teacher)."""
+    missing, unexpected = net.load_state_dict(teacher_net.state_dict(), strict=False)
+    extra = [k for k in missing if not k.startswith("cond.guidance.")]
+    if extra or unexpected:
+        raise UserError(f"the student's network does not match its teacher's: {extra + unexpected}")

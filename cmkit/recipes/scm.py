@@ -16,6 +16,7 @@ paper), no EMA-of-EMA; measured in BENCHMARKS.md.
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from cmkit.recipes.common import (
     RunOptions,
     fit,
     from_data,
+    guided_teacher,
+    load_teacher_weights,
     run_data,
     start,
     training_section,
@@ -58,6 +61,7 @@ class SCTOptions:
 class SCDOptions(SCTOptions):
     teacher: str = ""  # the teacher's run directory
     init_from_teacher: bool = True
+    guidance: tuple[float, float] | None = None  # distil the guided teacher: w_min, w_max
 
 
 def check(opts: SCTOptions) -> None:
@@ -123,12 +127,19 @@ def scd_run(run: RunOptions, opts: SCDOptions) -> Path:
     section = teacher_config.data
     data = run_data(section)
     net_spec = copy.deepcopy(teacher_config.network)
-    net = teacher_net.train() if opts.init_from_teacher else build_for_data(net_spec, section.shape)
-    teacher_net = copy.deepcopy(teacher_net).eval()
+    frozen = copy.deepcopy(teacher_net).eval().to(run.device).requires_grad_(False)
+    teacher = teacher_process.denoiser(frozen)
+    teacher, with_guidance = guided_teacher(opts.guidance, section, teacher, net_spec)
+    if not opts.init_from_teacher:
+        net = build_for_data(net_spec, section.shape)
+    elif net_spec == teacher_config.network:
+        net = teacher_net.train()
+    else:  # the student takes w as an input, which the teacher has not
+        net = build_for_data(net_spec, section.shape)
+        load_teacher_weights(net, teacher_net)
     options = {**asdict(opts), "teacher": str(Path(opts.teacher).resolve())}
     lr_scale = FINE_TUNE_LR_SCALE if opts.init_from_teacher else 1.0
     training = training_section(run, section.shape, "cm_steps", "scd", options, lr_scale)
-    teacher = teacher_process.denoiser(teacher_net.to(run.device).requires_grad_(False))
     lo, hi = _teacher_sigmas(teacher_process)
     loss = scm_loss(
         opts,
@@ -137,7 +148,7 @@ def scd_run(run: RunOptions, opts: SCDOptions) -> Path:
         t_range=(math.atan(lo / sd), math.atan(hi / sd)),
     )
     config = RunConfig("consistency", process, net_spec, section, training, _sampling())
-    return _fit(run, config, data, net, loss, opts)
+    return _fit(run, config, data, net, loss, opts, with_guidance)
 
 
 def _sampling() -> SamplingSection:
@@ -151,9 +162,18 @@ def _teacher_sigmas(process: Process) -> tuple[float, float]:
     return max(lo, VELOCITY_RANGE[0]), min(hi, VELOCITY_RANGE[1])
 
 
-def _fit(run: RunOptions, config: RunConfig, data, net, loss: SCMLoss, opts: SCTOptions) -> Path:
-    """μ = 0: the target is the online network under no-grad (θ⁻ = stopgrad θ)."""
+def _fit(
+    run: RunOptions,
+    config: RunConfig,
+    data,
+    net,
+    loss: SCMLoss,
+    opts: SCTOptions,
+    wrap: Callable = lambda loss: loss,
+) -> Path:
+    """μ = 0: the target is the online network under no-grad (θ⁻ = stopgrad θ); `wrap` puts
+    guided distillation's w into each batch."""
     process = config.process
     online, target = process.consistency(net), process.consistency(copy.deepcopy(net))
     state = start(run, config, online, target, net, aux=loss.weight)
-    return fit(run, config, state, data, loss, opts.grad_clip)
+    return fit(run, config, state, data, wrap(loss), opts.grad_clip)
