@@ -128,7 +128,7 @@ def import_pipeline(pipeline_dir: str | Path, out_dir: str | Path) -> Path:
     _read_json(src / "model_index.json", "ConsistencyModelPipeline")
     scheduler = _read_json(src / "scheduler" / "scheduler_config.json", "CMStochastic")
     process = _process_of(scheduler, src)
-    unet = _load_unet(src / "unet")
+    unet = load_unet(src / "unet")
     kwargs = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     if kwargs.get("num_class_embeds") or kwargs["in_channels"] != kwargs["out_channels"]:
         raise UserError(f"{src}: cmkit imports unconditional UNets with in = out channels")
@@ -142,7 +142,7 @@ def import_pipeline(pipeline_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def _load_unet(folder: Path):
+def load_unet(folder: Path):
     """The folder's UNet2DModel from safetensors only: a pickled .bin is refused, never read."""
     diffusers = require_diffusers()
     try:

@@ -28,6 +28,7 @@ from torch import nn
 from cmkit import __version__
 from cmkit.errors import OptionError, UserError
 from cmkit.generate import Model, cm_times, load_model
+from cmkit.networks.zoo import DIFFUSERS_TYPES
 from cmkit.runs import atomic_write, read_json, save_json
 from cmkit.sampling import clip_denoised, sample_multistep
 
@@ -90,10 +91,11 @@ def build_sampler(model: Model, steps: int | None, times: list[float] | None) ->
             "export takes consistency runs (one- and few-step samplers); this is a teacher "
             "run, whose sampler integrates an ODE: distill it first (cmkit distill)"
         )
-    if model.config.network.type == "diffusers-unet":
+    if model.config.network.type in DIFFUSERS_TYPES:
         raise UserError(
             "export takes runs of the built-in networks; diffusers' UNet2DModel branches on "
-            "batch >= 64, which fixes the batch of a traced graph: use cmkit export-diffusers"
+            "batch >= 64, which fixes the batch of a traced graph (a diffusers-unet run: use "
+            "cmkit export-diffusers)"
         )
     if steps is not None and steps < 1:
         raise OptionError("steps", f"must be >= 1, got {steps}")

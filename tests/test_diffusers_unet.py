@@ -29,7 +29,10 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_core_modules_do_not_import_diffusers():
-    modules = "cli recipes runs generate sampling quickstart diffusers_io networks.diffusers_unet"
+    modules = (
+        "cli recipes runs generate sampling quickstart diffusers_io diffusers_teacher "
+        "networks.diffusers_unet networks.diffusers_vp"
+    )
     imports = "; ".join(f"import cmkit.{m}" for m in modules.split())
     proc = _python(f"import sys; {imports}; print('diffusers' in sys.modules)")
     assert proc.returncode == 0, proc.stderr

@@ -1,9 +1,12 @@
-"""`cmkit edit`, `quickstart`, `export`, `export-diffusers` and `import-diffusers`."""
+"""`cmkit edit`, `quickstart`, `export`, `export-diffusers`, `import-diffusers` and
+`import-teacher`."""
 
 import argparse
 from pathlib import Path
 
 from cmkit.cli.options import add_device, check_device, floats, require
+from cmkit.cli.training import DATA_HELP
+from cmkit.data import LAYOUTS
 from cmkit.editing import TASKS
 from cmkit.errors import UserError
 from cmkit.export import FORMATS, export_run, manifest_path
@@ -157,10 +160,49 @@ def import_diffusers(args: argparse.Namespace) -> Path:
     return import_pipeline(args.pipeline, args.out)
 
 
+def add_import_teacher(sub) -> None:
+    p = sub.add_parser(
+        "import-teacher",
+        help="turn a diffusers UNet2DModel with a DDPM, DDIM or Euler scheduler into a teacher "
+        "run for distill",
+    )
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--pipeline", help="folder written by save_pretrained (safetensors weights)")
+    p.add_argument("--data", help=f"the data the model was trained on, for distill: {DATA_HELP}")
+    p.add_argument("--data-key", help="the .npz array of the data (default: found by name)")
+    p.add_argument(
+        "--layout", choices=LAYOUTS, help="how a 4-D array's axes are laid out (default: detected)"
+    )
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of data held out")
+    p.add_argument(
+        "--null-label",
+        type=int,
+        help="class-conditional UNets: the class id that stands in when no labels are given "
+        "(default none: every evaluation needs labels)",
+    )
+    p.add_argument("--out", help="run directory to create")
+
+
+def import_teacher(args: argparse.Namespace) -> Path:
+    from cmkit.diffusers_teacher import import_teacher
+
+    require(args, "pipeline", "data", "out")
+    return import_teacher(
+        args.pipeline,
+        args.out,
+        args.data,
+        holdout=args.holdout,
+        null_label=args.null_label,
+        data_key=args.data_key,
+        layout=args.layout,
+    )
+
+
 COMMANDS = {
     "edit": (add_edit, edit),
     "quickstart": (add_quickstart, quickstart),
     "export": (add_export, export),
     "export-diffusers": (add_export_diffusers, export_diffusers),
     "import-diffusers": (add_import_diffusers, import_diffusers),
+    "import-teacher": (add_import_teacher, import_teacher),
 }

@@ -10,15 +10,17 @@ from torch import nn
 from cmkit.config import NetworkSpec
 from cmkit.errors import OptionError, UserError
 from cmkit.networks.diffusers_unet import DiffusersUNet
+from cmkit.networks.diffusers_vp import DiffusersVP
 from cmkit.networks.mlp import MLP
 from cmkit.networks.unet import UNet
 
 BACKBONES = ("builtin", "diffusers-unet")
-NETWORK_TYPES = ("mlp", "unet", "diffusers-unet")
+NETWORK_TYPES = ("mlp", "unet", "diffusers-unet", "diffusers-vp")
+DIFFUSERS_TYPES = ("diffusers-unet", "diffusers-vp")  # each wraps a UNet2DModel
 
 
 def build_network(spec: NetworkSpec) -> nn.Module:
-    """Rebuild a plain network from its spec (type mlp, unet or diffusers-unet)."""
+    """Rebuild a plain network from its spec (type mlp, unet, diffusers-unet or diffusers-vp)."""
     kwargs = dict(spec.kwargs)
     if spec.type == "mlp":
         return MLP(**kwargs)
@@ -28,6 +30,8 @@ def build_network(spec: NetworkSpec) -> nn.Module:
         return UNet(**kwargs)
     if spec.type == "diffusers-unet":
         return DiffusersUNet(**kwargs)
+    if spec.type == "diffusers-vp":
+        return DiffusersVP(**kwargs)
     raise UserError(
         f"unknown network type {spec.type!r}; expected {', '.join(map(repr, NETWORK_TYPES))}"
     )
@@ -103,5 +107,6 @@ def _diffusers_unet_kwargs(shape: tuple[int, ...], deep: bool) -> dict:
 
 
 def backbone_of(spec: NetworkSpec) -> str:
-    """The backbone name that builds a network spec's type."""
-    return "diffusers-unet" if spec.type == "diffusers-unet" else "builtin"
+    """The backbone name of a network spec's type (diffusers-vp: an imported teacher's, which
+    no other backbone starts from)."""
+    return spec.type if spec.type in DIFFUSERS_TYPES else "builtin"
