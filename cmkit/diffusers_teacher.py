@@ -36,14 +36,15 @@ def import_teacher(
     null_label: int | None = None,
     data_key: str | None = None,
     layout: str | None = None,
+    label_key: str | None = None,
 ) -> Path:
     """Write the teacher run `out_dir` (config.json, ema.safetensors) for the folder's UNet.
 
     A class-conditional UNet (num_class_embeds K) keeps its class ids as the run's classes,
-    "0".."K−1" but `null_label`: the id that stands in where no labels are given (none by
-    default: an imported UNet has no unconditional class unless one is named). Labels reach
-    the UNet unchanged, so with the null label last (the usual K = classes + 1, and cmkit's
-    own ∅) each class's id is also its index among the classes.
+    "0".."K−1" but `null_label`, the id that stands in where no labels are given and that
+    classifier-free guidance needs: none by default (an imported UNet has no unconditional
+    class unless one is named), else the last id, as cmkit's own ∅ is. The data's labels
+    are read with it (`--labels`), since distillation draws a label with each sample.
     """
     src, out = Path(pipeline_dir), Path(out_dir)
     if (out / "config.json").exists():
@@ -52,8 +53,9 @@ def import_teacher(
     unet = _checked_unet(src)
     classes = _classes(unet.config.num_class_embeds, null_label)
     network = _network(unet, scheduler, src, null_label)
-    data = _data_section(data_spec, holdout, data_key, layout, _shape(unet.config))
-    data.classes = classes
+    data = _data_section(
+        data_spec, holdout, (data_key, layout, label_key), _shape(unet.config), classes
+    )
     training = TrainingSection(
         "imported",
         options={
@@ -158,10 +160,11 @@ def _classes(num_class_embeds: int | None, null_label: int | None) -> tuple[str,
         if null_label is not None:
             raise OptionError("null_label", "applies to class-conditional UNets; this one is not")
         return None
-    if null_label is not None and not 0 <= null_label < num_class_embeds:
+    if null_label is not None and null_label != num_class_embeds - 1:
         raise OptionError(
             "null_label",
-            f"must be one of the UNet's class ids 0..{num_class_embeds - 1}, got {null_label}",
+            f"must be the UNet's last class id, {num_class_embeds - 1}, got {null_label}: class "
+            "ids index the run's classes, and ∅ comes after them",
         )
     return tuple(str(i) for i in range(num_class_embeds) if i != null_label)
 
@@ -173,14 +176,34 @@ def _shape(unet_config) -> tuple[int, int, int]:
 
 
 def _data_section(
-    spec: str, holdout: float, key: str | None, layout: str | None, shape: tuple[int, ...]
+    spec: str,
+    holdout: float,
+    reading: tuple[str | None, str | None, str | None],
+    shape: tuple[int, ...],
+    classes: tuple[str, ...] | None,
 ) -> DataSection:
-    """The data section of the teacher's training data, which must be what the UNet makes."""
-    _, section = load_training_data(spec, holdout, SIGMA_DATA, key, layout)
+    """The data section of the teacher's training data, which must be what the UNet makes,
+    with its labels (see cmkit.labels) when the UNet is class-conditional: distillation
+    draws a label with each sample. The classes are the UNet's; the data's names are kept
+    when it names as many. `reading`: the data's .npz key, layout and label key."""
+    key, layout, label_key = reading
+    labelled = classes is not None
+    _, section = load_training_data(
+        spec, holdout, SIGMA_DATA, key, layout, labelled, label_key if labelled else None
+    )
     if section.shape != shape:
         raise OptionError(
             "data", f"{spec} holds samples of shape {section.shape}; the UNet makes {shape}"
         )
+    if labelled:
+        if len(section.classes) > len(classes):
+            raise OptionError(
+                "data",
+                f"{spec} has labels of {len(section.classes)} classes; the UNet knows "
+                f"{len(classes)}",
+            )
+        if len(section.classes) < len(classes):
+            section.classes = classes
     return section
 
 

@@ -14,6 +14,7 @@ from cmkit.config import RunConfig
 from cmkit.data import Scaler
 from cmkit.errors import OptionError
 from cmkit.guidance import GuidedDenoiser
+from cmkit.networks.zoo import NO_NULL_LABEL, has_null_label
 from cmkit.process import Process
 from cmkit.runs import load_network
 from cmkit.sampling import check_times, clip_denoised, sample_multistep, sample_ode
@@ -84,6 +85,8 @@ def _guidance_for(model: Model, w: float | None) -> float | None:
     if w is not None and not (w >= 0 and math.isfinite(w)):
         raise OptionError("guidance", f"must be a finite number >= 0, got {w}")
     if model.kind == "teacher":
+        if w and not has_null_label(model.config.network):
+            raise OptionError("guidance", NO_NULL_LABEL)
         return w
     trained = model.config.training.options.get("guidance")
     if trained is None:

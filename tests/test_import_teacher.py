@@ -159,18 +159,19 @@ def test_euler_scheduler_is_euler_in_sigma(tmp_path, prediction):
 
 def test_class_labels_and_the_null_label(tmp_path):
     """`labels` go in as class_labels; none and no null label is an error; the null label
-    stands in for them when the import names one."""
-    unet = tiny_unet(seed=6, num_class_embeds=3)
+    (the last id) stands in for them when the import names one, and guided distillation of
+    such a teacher runs on the data's labels."""
+    unet = tiny_unet(seed=6, num_class_embeds=10)
     scheduler = diffusers.DDIMScheduler(clip_sample=False)
     conditional = imported(tmp_path / "a", unet, scheduler)
     config, D = teacher(conditional)
-    assert config.data.classes == ("0", "1", "2")
+    assert config.data.classes == tuple("0123456789")  # digits' own names, the UNet's ids
     t = 500
     alpha_bar = scheduler.alphas_cumprod[t]
     x_t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(7))
     x_sigma, sigma = x_t / alpha_bar.sqrt(), float(sigma_of(alpha_bar))
     with torch.no_grad():
-        for labels in (torch.tensor([0, 1]), torch.tensor([2, 2])):
+        for labels in (torch.tensor([0, 1]), torch.tensor([9, 9])):
             eps = unet(x_t, t, class_labels=labels).sample
             expected = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
             assert scaled_error(D(x_sigma, sigma, labels=labels), expected) < 1e-5
@@ -178,11 +179,16 @@ def test_class_labels_and_the_null_label(tmp_path):
         assert (swapped - D(x_sigma, sigma, labels=torch.tensor([0, 1]))).abs().max() > 1e-2
         with pytest.raises(UserError, match="--null-label"):
             D(x_sigma, sigma)
-    with_null = imported(tmp_path / "b", unet, scheduler, "--null-label", 2)
+    unet = tiny_unet(seed=6, num_class_embeds=11)
+    with_null = imported(tmp_path / "b", unet, scheduler, "--null-label", 10)
     config, D = teacher(with_null)
-    assert config.data.classes == ("0", "1") and config.network.kwargs["null_label"] == 2
+    assert len(config.data.classes) == 10 and config.network.kwargs["null_label"] == 10
     with torch.no_grad():
-        assert torch.equal(D(x_sigma, sigma), D(x_sigma, sigma, labels=torch.tensor([2, 2])))
+        assert torch.equal(D(x_sigma, sigma), D(x_sigma, sigma, labels=torch.tensor([10, 10])))
+    distill = ["distill", "--teacher", with_null, "--steps", 2, "--num-scales", 4, *TINY]
+    assert run_cli(*distill, "--guidance", "1.5", "--out", tmp_path / "guided") == 0
+    no_null = ["distill", "--teacher", conditional, "--guidance", "1", "--out", tmp_path / "x"]
+    assert run_cli(*no_null, *TINY) == 2
 
 
 def test_distill_and_sample_an_imported_teacher(tmp_path):
@@ -284,10 +290,12 @@ def test_bad_options_are_one_line(good_pipeline, tmp_path, capsys, extra, needle
     assert needle in line, line
 
 
-def test_null_label_must_be_a_class_id(tmp_path, capsys):
+def test_null_label_must_be_the_last_class_id(tmp_path, capsys):
     pipe = save_pipeline(
         tmp_path / "pipe", tiny_unet(num_class_embeds=3), diffusers.DDIMScheduler()
     )
     args = ["import-teacher", "--pipeline", pipe, "--data", "digits", "--out", tmp_path / "r"]
-    assert run_cli(*args, "--null-label", 3) == 2
-    assert "--null-label must be one of the UNet's class ids 0..2, got 3" in capsys.readouterr().err
+    assert run_cli(*args, "--null-label", 0) == 2
+    assert "--null-label must be the UNet's last class id, 2, got 0" in capsys.readouterr().err
+    assert run_cli(*args, "--null-label", 2) == 2  # 2 classes left; digits have 10
+    assert "digits has labels of 10 classes; the UNet knows 2" in capsys.readouterr().err

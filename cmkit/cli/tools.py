@@ -5,8 +5,7 @@ import argparse
 from pathlib import Path
 
 from cmkit.cli.options import add_device, check_device, floats, require
-from cmkit.cli.training import DATA_HELP
-from cmkit.data import LAYOUTS
+from cmkit.cli.training import add_data_flags
 from cmkit.editing import TASKS
 from cmkit.errors import UserError
 from cmkit.export import FORMATS, export_run, manifest_path
@@ -168,11 +167,7 @@ def add_import_teacher(sub) -> None:
     )
     p.add_argument("--config", help="TOML or JSON file of options")
     p.add_argument("--pipeline", help="folder written by save_pretrained (safetensors weights)")
-    p.add_argument("--data", help=f"the data the model was trained on, for distill: {DATA_HELP}")
-    p.add_argument("--data-key", help="the .npz array of the data (default: found by name)")
-    p.add_argument(
-        "--layout", choices=LAYOUTS, help="how a 4-D array's axes are laid out (default: detected)"
-    )
+    add_data_flags(p)  # the data the model was trained on (labelled when the UNet is)
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of data held out")
     p.add_argument(
         "--null-label",
@@ -195,6 +190,7 @@ def import_teacher(args: argparse.Namespace) -> Path:
         null_label=args.null_label,
         data_key=args.data_key,
         layout=args.layout,
+        label_key=args.label_key,
     )
 
 

@@ -43,30 +43,38 @@ PROCESS_FLAGS = {  # option -> help; each process takes those among its own fiel
 }
 
 
+def add_data_flags(p: argparse.ArgumentParser, labels_help: str | None = None) -> None:
+    """--data and how to read it: its .npz keys, its layout, its labels (`labels_help`: what
+    --labels says; None: the flag is left out, for commands that decide it themselves)."""
+    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument(
+        "--data-key",
+        help="the .npz array to train on (default: x_train, x, images, data or its only one)",
+    )
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        help="how a 4-D array's axes are laid out (default: channels-last (N, H, W, 1|3|4) "
+        "is detected, with a notice)",
+    )
+    if labels_help is not None:
+        p.add_argument("--labels", action="store_true", help=labels_help)
+    p.add_argument(
+        "--label-key", help="the .npz array of the labels (default: y_train, y, labels, targets)"
+    )
+
+
+LABELS_HELP = (
+    "class-conditional: read the data's labels (.npz y_train/y/labels/targets, class "
+    "subfolders of an image folder, the IDX labels file beside the images, digits' digit)"
+)
+
+
 def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
     """The flags of recipes.RunOptions, plus --data and --grad-clip."""
     p.add_argument("--config", help="TOML or JSON file of options (same keys as the flags)")
     if data:
-        p.add_argument("--data", help=DATA_HELP)
-        p.add_argument(
-            "--data-key",
-            help="the .npz array to train on (default: x_train, x, images, data or its only one)",
-        )
-        p.add_argument(
-            "--layout",
-            choices=LAYOUTS,
-            help="how a 4-D array's axes are laid out (default: channels-last (N, H, W, 1|3|4) "
-            "is detected, with a notice)",
-        )
-        p.add_argument(
-            "--labels",
-            action="store_true",
-            help="class-conditional: read the data's labels (.npz y_train/y/labels/targets, "
-            "class subfolders of an image folder, digits' digit)",
-        )
-        p.add_argument(
-            "--label-key", help="with --labels: the .npz array of labels (default: found by name)"
-        )
+        add_data_flags(p, LABELS_HELP)
     p.add_argument("--out", help="run directory to create (or continue with --resume)")
     p.add_argument("--steps", type=int, help="optimiser steps (default depends on the data)")
     p.add_argument("--batch-size", type=int, help="batch size (default depends on the data)")

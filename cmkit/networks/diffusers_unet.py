@@ -44,7 +44,9 @@ class DiffusersUNet(nn.Module):
     def forward(
         self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None, **cond
     ) -> torch.Tensor:
-        if self.null_label is not None and labels is None:
+        if self.null_label is None:
+            labels = None  # an unconditional UNet2DModel takes no class_labels
+        elif labels is None:
             labels = torch.full((len(x),), self.null_label, dtype=torch.long, device=x.device)
         timestep = TIMESTEP_PER_C_NOISE * c_noise
         return self.unet(x, timestep, class_labels=labels, return_dict=False)[0]

@@ -43,8 +43,8 @@ def build_for_data(spec: NetworkSpec, shape: tuple[int, ...]) -> nn.Module:
     reported now as a user error, not as a traceback from the first training step."""
     try:
         net = build_network(spec)
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, *shape), torch.zeros(1))
+        with torch.no_grad():  # a label, for networks that need one (ignored by the others)
+            net.eval()(torch.zeros(1, *shape), torch.zeros(1), labels=torch.zeros(1).long())
     except UserError:
         raise
     except (TypeError, ValueError, RuntimeError) as err:
@@ -104,6 +104,20 @@ def _diffusers_unet_kwargs(shape: tuple[int, ...], deep: bool) -> dict:
         "norm_num_groups": 8,
         "attention_head_dim": 8,
     }
+
+
+NO_NULL_LABEL = (
+    "needs the teacher's unconditional model, and this imported UNet has no null label; "
+    "import it again with --null-label (its last class id, if it was trained with one)"
+)
+
+
+def has_null_label(spec: NetworkSpec) -> bool:
+    """Whether a labelled network has the null label ∅ that classifier-free guidance needs:
+    every network built here does; an imported one only if told which class it is."""
+    if spec.type == "diffusers-vp":
+        return spec.kwargs.get("null_label") is not None
+    return True
 
 
 def backbone_of(spec: NetworkSpec) -> str:

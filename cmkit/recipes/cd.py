@@ -63,7 +63,9 @@ def distill_run(run: RunOptions, opts: CDOptions) -> Path:
     data = run_data(section)
     net_spec = _student_network(teacher_config, run.backbone, opts.init_from_teacher)
     teacher = process.denoiser(teacher_net.to(run.device).requires_grad_(False))
-    teacher, with_guidance = guided_teacher(opts.guidance, section, teacher, net_spec)
+    teacher, with_guidance = guided_teacher(
+        opts.guidance, section, teacher, teacher_config.network, net_spec
+    )
     net = build_for_data(net_spec, section.shape)
     if opts.init_from_teacher:
         load_teacher_weights(net, teacher_net)

@@ -21,7 +21,7 @@ from cmkit.errors import OptionError, UserError
 from cmkit.guidance import GUIDANCE_DIM, GuidedDenoiser, WithGuidance, check_guidance
 from cmkit.labels import load_labels, run_labels
 from cmkit.losses import make_distance
-from cmkit.networks.zoo import build_for_data, default_network
+from cmkit.networks.zoo import NO_NULL_LABEL, build_for_data, default_network, has_null_label
 from cmkit.noise import MAX_SCALES
 from cmkit.process import Process
 from cmkit.runs import (
@@ -304,7 +304,7 @@ def _checkpoint(out: Path, config: RunConfig, state: TrainState, keep_history: b
 
 
 def guided_teacher(
-    guidance, section: DataSection, teacher, net_spec: NetworkSpec
+    guidance, section: DataSection, teacher, teacher_spec: NetworkSpec, net_spec: NetworkSpec
 ) -> tuple[object, Callable]:
     """Guided distillation's teacher and loss wrapper (LCM, pixel space): with `guidance`
     (w_min, w_max) the teacher becomes the guided denoiser D_w and each batch carries w;
@@ -318,6 +318,8 @@ def guided_teacher(
         raise OptionError("guidance", str(err)) from None
     if section.classes is None:
         raise OptionError("guidance", "needs a teacher trained with --labels")
+    if not has_null_label(teacher_spec):
+        raise OptionError("guidance", NO_NULL_LABEL)
     if w_min < w_max:
         if net_spec.type not in ("mlp", "unet"):
             raise OptionError(

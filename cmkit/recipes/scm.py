@@ -129,7 +129,9 @@ def scd_run(run: RunOptions, opts: SCDOptions) -> Path:
     net_spec = copy.deepcopy(teacher_config.network)
     frozen = copy.deepcopy(teacher_net).eval().to(run.device).requires_grad_(False)
     teacher = teacher_process.denoiser(frozen)
-    teacher, with_guidance = guided_teacher(opts.guidance, section, teacher, net_spec)
+    teacher, with_guidance = guided_teacher(
+        opts.guidance, section, teacher, teacher_config.network, net_spec
+    )
     if not opts.init_from_teacher:
         net = build_for_data(net_spec, section.shape)
     elif net_spec == teacher_config.network:
