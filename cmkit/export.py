@@ -99,7 +99,23 @@ def build_sampler(model: Model, steps: int | None, times: list[float] | None) ->
         )
     if steps is not None and steps < 1:
         raise OptionError("steps", f"must be >= 1, got {steps}")
-    return Sampler(model, cm_times(model, steps, times)).eval().requires_grad_(False)
+    sampler = Sampler(model, cm_times(model, steps, times), conditioning_inputs(model))
+    return sampler.eval().requires_grad_(False)
+
+
+def conditioning_inputs(model: Model) -> tuple[TensorSpec, ...]:
+    """The graph's inputs beside the noise: a labelled run's class ids and, for a student
+    distilled over a range of guidance scales, w (a fixed-w student has its w built in)."""
+    classes = model.config.data.classes
+    if classes is None:
+        return ()
+    k = len(classes)
+    labels = TensorSpec("labels", (BATCH,), "int64", f"class ids 0..{k - 1}: {', '.join(classes)}")
+    guidance = model.config.training.options.get("guidance")
+    if guidance is None or guidance[0] == guidance[1]:
+        return (labels,)
+    w = f"classifier-free guidance scale w, distilled over [{guidance[0]:g}, {guidance[1]:g}]"
+    return labels, TensorSpec("guidance", (BATCH,), "float32", w)
 
 
 def exported_program(sampler: Sampler) -> torch.export.ExportedProgram:

@@ -4,6 +4,7 @@ classifier-free guidance, guided distillation (fixed w and a w input), and their
 import ast
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import run_cli
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from test_resume import assert_identical
 
 from cmkit import recipes
@@ -378,3 +380,24 @@ def test_labelled_runs_resume_bit_identical(labelled, tmp_path, monkeypatch):
             run_cli(*args, *FAST, "--out", tmp_path / "stopped")
     assert run_cli(*args, *FAST, "--out", tmp_path / "stopped", "--resume") == 0
     assert_identical(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_export_of_a_w_input_student_takes_labels_and_w(labelled, tmp_path):
+    """The graph's inputs are noise, labels and guidance, and it computes `generate`'s
+    samples for the same three (weights randomised so labels and w matter)."""
+    run = tmp_path / "range"
+    shutil.copytree(labelled / "range", run)
+    weights = load_file(run / "ema.safetensors")
+    torch.manual_seed(2)
+    save_file({k: 0.3 * torch.randn_like(v) for k, v in weights.items()}, run / "ema.safetensors")
+    out = tmp_path / "s.pt2"
+    assert run_cli("export", "--model", run, "--format", "pt2", "--out", out, "--steps", 2) == 0
+    manifest = json.loads(Path(f"{out}.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == ["noise", "labels", "guidance"]
+    program = torch.export.load(out).module()
+    noise = np.random.default_rng(0).standard_normal((2, 3, 1, 8, 8), dtype=np.float32)
+    labels, w = torch.tensor([0, 4, 9]), torch.tensor([0.0, 1.0, 3.0])
+    got = program(torch.from_numpy(noise), labels, w).numpy()
+    model = load_model(str(run))
+    expected = generate(model, 3, steps=2, noise=noise, cond={"labels": labels, "guidance": w})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)

@@ -114,7 +114,7 @@ class ConditionEmbedding(nn.Module):
     ) -> torch.Tensor:
         """The noise embedding emb (B, emb_dim) plus the conditioning's; other inputs of the
         batch's conditioning are not this network's and are ignored."""
-        batch, device = len(emb), emb.device
+        batch, device = emb.shape[0], emb.device  # not len(): torch.export keeps it symbolic
         if self.labels is not None:
             if labels is None:
                 labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
