@@ -27,42 +27,52 @@ NPZ_DATA_KEYS = ("x_train", "x", "images", "data")  # an .npz's data array, firs
 CHANNELS = (1, 3, 4)  # gray, RGB, RGBA: what a channel axis of saved images holds
 
 
-def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Two interleaved half circles, centred and doubled: x in [-3, 3], y in [-1.5, 1.5]."""
-    x, _ = make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
-    return (x - [0.5, 0.25]) * 2
+Toy = tuple[np.ndarray, np.ndarray | None]  # points (N, 2), and their class where they have one
 
 
-def _eight_gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
-    """FFJORD's 8 Gaussians: centres at radius 2√2, every 45°, std 0.5/√2."""
-    angles = rng.integers(8, size=n) * (np.pi / 4)
+def _moons(n: int, rng: np.random.Generator) -> Toy:
+    """Two interleaved half circles, centred and doubled: x in [-3, 3], y in [-1.5, 1.5];
+    class 0 the upper moon, 1 the lower."""
+    x, moon = make_moons(n, noise=0.05, random_state=int(rng.integers(2**31)))
+    return (x - [0.5, 0.25]) * 2, moon
+
+
+def _eight_gaussians(n: int, rng: np.random.Generator) -> Toy:
+    """FFJORD's 8 Gaussians: centres at radius 2√2, every 45°, std 0.5/√2; class k the
+    centre at k·45°."""
+    centre = rng.integers(8, size=n)
+    angles = centre * (np.pi / 4)
     centres = 2 * np.sqrt(2) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    return centres + rng.normal(scale=0.5 / np.sqrt(2), size=(n, 2))
+    return centres + rng.normal(scale=0.5 / np.sqrt(2), size=(n, 2)), centre
 
 
-def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
+def _checkerboard(n: int, rng: np.random.Generator) -> Toy:
     """Uniform on the 8 dark squares of a 4x4 board covering [-2, 2]²."""
     x = rng.uniform(-2, 2, size=n)
     column = np.floor(x + 2)
     row = 2 * rng.integers(2, size=n) + column % 2  # rows with the same parity as the column
-    return np.stack([x, row - 2 + rng.uniform(size=n)], axis=1)
+    return np.stack([x, row - 2 + rng.uniform(size=n)], axis=1), None
 
 
-def _swissroll(n: int, rng: np.random.Generator) -> np.ndarray:
+def _swissroll(n: int, rng: np.random.Generator) -> Toy:
     """scikit-learn's swiss roll projected on (x, z) and divided by 5: a spiral of radius ≲ 3."""
     x, _ = make_swiss_roll(n, noise=0.5, random_state=int(rng.integers(2**31)))
-    return x[:, [0, 2]] / 5
+    return x[:, [0, 2]] / 5, None
 
 
-def _rings(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Four concentric circles of radius 0.75, 1.5, 2.25 and 3, Gaussian noise 0.08, shuffled."""
-    radius = 0.75 * (1 + np.arange(n) % 4)
+def _rings(n: int, rng: np.random.Generator) -> Toy:
+    """Four concentric circles of radius 0.75, 1.5, 2.25 and 3, Gaussian noise 0.08, shuffled;
+    class k the ring of radius 0.75·(k + 1)."""
+    ring = np.arange(n) % 4
+    radius = 0.75 * (1 + ring)
     angle = rng.uniform(0, 2 * np.pi, size=n)
     points = radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)
-    return rng.permutation(points + rng.normal(scale=0.08, size=(n, 2)))
+    noisy = points + rng.normal(scale=0.08, size=(n, 2))
+    order = rng.permutation(n)  # the rows rng.permutation(noisy) would shuffle into
+    return noisy[order], ring[order]
 
 
-_TOYS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
+_TOYS: dict[str, Callable[[int, np.random.Generator], Toy]] = {
     "moons": _moons,
     "8gaussians": _eight_gaussians,
     "checkerboard": _checkerboard,
@@ -70,6 +80,11 @@ _TOYS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
     "rings": _rings,
 }
 BUILTIN_TOYS: tuple[str, ...] = tuple(_TOYS)
+
+
+def toy(name: str) -> Toy:
+    """The built-in toy `name`: TOY_SAMPLES points, the same on every call, and their classes."""
+    return _TOYS[name](TOY_SAMPLES, np.random.default_rng(0))
 
 
 def _tinted_digits() -> np.ndarray:
@@ -104,7 +119,7 @@ def load_data(spec: str, key: str | None = None, layout: str | None = None) -> n
     if spec == "tinted-digits":
         return _tinted_digits()
     if spec in _TOYS:
-        return _TOYS[spec](TOY_SAMPLES, np.random.default_rng(0)).astype(np.float32)
+        return toy(spec)[0].astype(np.float32)
     if path.is_dir():
         return _validate(_load_image_folder(path), spec)
     if path.is_file() and is_idx(path):

@@ -4,8 +4,9 @@ Labels are integer class ids 0..K−1, one per sample of the data spec they belo
 from the same place as the data: an .npz archive's label array (y_train, y, labels, targets,
 or `--label-key`; class names from a `classes` array when it has K entries), the class
 subfolders of an image folder (names sorted), the labels file beside an IDX image file
-(MNIST's train-labels-idx1-ubyte beside train-images-idx3-ubyte), or the digit of the
-built-in digits and tinted-digits. A run keeps the class names; ids index them.
+(MNIST's train-labels-idx1-ubyte beside train-images-idx3-ubyte), the digit of the
+built-in digits and tinted-digits, or the part of a toy (the moon of moons, the centre of
+8gaussians, the ring of rings). A run keeps the class names; ids index them.
 """
 
 from dataclasses import dataclass
@@ -14,7 +15,15 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
-from cmkit.data import image_folder_files, is_idx, read_array, read_idx, split_holdout
+from cmkit.data import (
+    BUILTIN_TOYS,
+    image_folder_files,
+    is_idx,
+    read_array,
+    read_idx,
+    split_holdout,
+    toy,
+)
 from cmkit.errors import UserError
 
 LABEL_KEYS = ("y_train", "y", "labels", "targets")  # an .npz's label array, first match
@@ -22,8 +31,8 @@ NAME_KEYS = ("classes", "class_names")  # an .npz's class names, when it has one
 MAX_CLASSES = 100_000
 WHERE = (
     "an .npz with y_train, y, labels or targets (or --label-key), an image folder with one "
-    "subfolder per class, an IDX image file with its labels file beside it, digits or "
-    "tinted-digits"
+    "subfolder per class, an IDX image file with its labels file beside it, digits, "
+    "tinted-digits, moons, 8gaussians or rings"
 )
 
 
@@ -43,6 +52,8 @@ def load_labels(spec: str, count: int, key: str | None = None) -> Labels:
         raise UserError(f"--label-key {key!r} names an array of an .npz archive; {spec} is not one")
     if spec in ("digits", "tinted-digits"):
         y, names = load_digits().target, [str(d) for d in range(10)]
+    elif spec in BUILTIN_TOYS and toy(spec)[1] is not None:
+        y, names = toy(spec)[1], []
     elif path.is_file() and path.suffix.lower() == ".npz":
         y, names = _npz_labels(path, key)
     elif path.is_dir():

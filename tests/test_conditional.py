@@ -17,6 +17,7 @@ from test_resume import assert_identical
 
 from cmkit import recipes
 from cmkit.batch import Batch
+from cmkit.data import load_data
 from cmkit.errors import UserError
 from cmkit.generate import conditioning, generate, load_model
 from cmkit.guidance import GuidedDenoiser, LabelDropout, WithGuidance, parse_guidance
@@ -39,6 +40,19 @@ def test_digits_labels_are_their_digits():
     assert labels.classes == tuple("0123456789")
     assert labels.y.dtype == np.int64 and labels.y.shape == (1797,)
     assert np.bincount(labels.y).min() > 170  # every digit, about equally often
+
+
+@pytest.mark.parametrize(("name", "k"), [("moons", 2), ("8gaussians", 8), ("rings", 4)])
+def test_toys_with_parts_label_them(name, k):
+    x, y = load_data(name), load_labels(name, 20000).y
+    assert np.bincount(y).min() > 20000 / k * 0.9 and y.max() == k - 1
+    radius = np.linalg.norm(x, axis=1)
+    if name == "rings":  # class k is the ring of radius 0.75·(k + 1)
+        np.testing.assert_allclose(radius, 0.75 * (y + 1), atol=0.5)
+    if name == "8gaussians":  # class k is the centre at k·45°
+        angle = np.arctan2(x[:, 1], x[:, 0]) % (2 * np.pi)
+        near = np.abs((angle - y * np.pi / 4 + np.pi) % (2 * np.pi) - np.pi) < np.pi / 8
+        assert near.mean() > 0.97
 
 
 def test_cifar_style_npz_loads_with_its_names(tmp_path, capsys):
@@ -102,7 +116,7 @@ def test_bad_labels_are_refused_in_one_line(tmp_path, capsys, y, needle):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--data", "moons", "--labels"], "moons has no labels"),
+        (["--data", "swissroll", "--labels"], "swissroll has no labels"),
         (["--data", "digits", "--label-key", "y"], "add --labels"),
         (["--data", "digits", "--p-uncond", "0.2"], "applies to runs trained with --labels"),
         (["--data", "digits", "--labels", "--p-uncond", "1"], "must be in [0, 1)"),
