@@ -6,6 +6,7 @@ dataclass and calls these; nothing here knows which recipe it serves.
 
 import copy
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from torch import nn
 from cmkit import data as datalib
 from cmkit.batch import Batch
 from cmkit.config import DataSection, NetworkSpec, RunConfig, SamplingSection, TrainingSection
+from cmkit.distributed import World
+from cmkit.engine import check_precision, make_engine
 from cmkit.errors import OptionError, UserError
 from cmkit.guidance import GUIDANCE_DIM, GuidedDenoiser, WithGuidance, check_guidance
 from cmkit.labels import load_labels, run_labels
@@ -69,6 +72,9 @@ class RunOptions:
     layout: str | None = None  # "nchw" or "nhwc" of 4-D arrays (None: detected)
     labels: bool = False  # condition on the data's class labels (see cmkit.labels)
     label_key: str | None = None  # the labels' array in an .npz (None: found by name)
+    precision: str = "fp32"  # or "bf16": the network forwards under autocast
+    compile: bool = False  # torch.compile the online network's training forward
+    world: World = field(default_factory=World)  # the processes training together
 
 
 def num_classes(section: DataSection) -> int | None:
@@ -165,6 +171,7 @@ def training_section(
         lr=defaults["lr"] * lr_scale if run.lr is None else run.lr,
         ema_rate=run.ema_rate,
         seed=run.seed,
+        precision=run.precision,
         options=options,
     )
     check_positive(
@@ -183,6 +190,8 @@ def training_section(
     if not 0 <= run.ema_rate < 1:
         raise OptionError("ema_rate", f"must be in [0, 1), got {run.ema_rate}")
     check_on_nonfinite(run.on_nonfinite)
+    check_precision(run.precision, run.device)
+    run.world.check_batch_size(section.batch_size)
     return section
 
 
@@ -215,24 +224,44 @@ def start(
     ema = copy.deepcopy(net).requires_grad_(False)
     optimizer = torch.optim.Adam(trainable_parameters(online, aux), lr=config.training.lr)
     state = TrainState(online, optimizer, torch.Generator().manual_seed(run.seed), ema, target, aux)
-    out = _prepare_out(Path(run.out))
-    if run.resume and resumable(out):
+    state.world_sizes = [[0, run.world.size]]
+    out = _prepare_out(Path(run.out), run.world)
+    if run.resume and resumable(out, notify=run.world.main):
         _check_same_run(out, load_config(out, config.kind), config)
         restore_state(out, state)
+        _note_world_size(out, state, run.world)
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a run; resume it or choose another run directory")
     return state
 
 
-def _prepare_out(out: Path) -> Path:
+def _prepare_out(out: Path, world: World) -> Path:
     """Create the run directory now (not at the first checkpoint) and finish any checkpoint
-    a crash left committed but not yet renamed."""
+    a crash left committed but not yet renamed (rank 0, while the others wait to read)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OptionError("out", f"{out} cannot be a run directory: {err.strerror}") from None
-    finish_checkpoint(out)
+    if world.main:
+        finish_checkpoint(out)
+    world.barrier()
     return out
+
+
+def _note_world_size(out: Path, state: TrainState, world: World) -> None:
+    """A resume with another number of processes continues the run, not bit for bit: the
+    gradients are averaged over other groups of rows (all-reduce rounding); it is recorded."""
+    before = state.world_sizes[-1][1]
+    if before == world.size:
+        return
+    state.world_sizes.append([state.step, world.size])
+    if world.main:
+        print(
+            f"cmkit: {out} was trained in {_processes(before)} up to step {state.step}; "
+            f"continuing in {_processes(world.size)}, the same run up to all-reduce rounding "
+            "(not bit-identical)",
+            file=sys.stderr,
+        )
 
 
 def _check_same_run(out: Path, saved: RunConfig, config: RunConfig) -> None:
@@ -267,6 +296,10 @@ def _differences(old, new, path: str = ""):
         yield f"{path}: {old!r} -> {new!r}"
 
 
+def _processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
+
+
 def fit(
     run: RunOptions,
     config: RunConfig,
@@ -279,6 +312,7 @@ def fit(
     """Train to the configured step count, checkpointing into the run directory; grad_clip
     None trains unclipped."""
     out = Path(run.out)
+    engine = make_engine(run.world, state.online.net, run.precision, run.compile)
     train(
         state,
         loss_fn,
@@ -293,6 +327,7 @@ def fit(
         checkpoint_seconds=60 * run.checkpoint_minutes,
         progress=run.progress,
         on_nonfinite=run.on_nonfinite,
+        engine=engine,
     )
     return out
 
