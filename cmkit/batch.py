@@ -15,6 +15,7 @@ processes share a step.
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol
 
 import torch
 
@@ -74,3 +75,14 @@ class Batch:
 def cond_rows(cond: Cond, start: int, stop: int, device: torch.device | str) -> Cond:
     """Rows start:stop of every conditioning tensor, on `device` (for chunked sampling)."""
     return {k: v[start:stop].to(device) for k, v in cond.items()}
+
+
+class Samples(Protocol):
+    """What training draws its batches from: a Batch of every sample, or rows read from disk
+    a batch at a time (cmkit.mapped.MappedRows)."""
+
+    def __len__(self) -> int: ...
+
+    def rows(self, index: torch.Tensor, shard: Shard | None = None) -> Batch: ...
+
+    def to(self, device: torch.device | str) -> "Samples": ...

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cmkit.batch import Batch
+from cmkit.batch import Batch, Samples
 from cmkit.distributed import World
 from cmkit.engine import Engine
 from cmkit.errors import OptionError
@@ -105,7 +105,7 @@ def weights_finite(state: TrainState) -> bool:
     )
 
 
-def draw_batch(data: Batch, batch_size: int, generator: torch.Generator, world: World) -> Batch:
+def draw_batch(data: Samples, batch_size: int, generator: torch.Generator, world: World) -> Batch:
     """This process's rows of a global batch drawn with replacement from the CPU generator,
     which keeps runs reproducible; every process draws all of its indices."""
     idx = torch.randint(0, len(data), (batch_size,), generator=generator)
@@ -225,7 +225,7 @@ def _kept(saved: int | None) -> str:
 def train(
     state: TrainState,
     loss_fn: Callable,
-    data: Batch,
+    data: Samples,
     steps: int,
     batch_size: int,
     ema_rate: float,
@@ -241,7 +241,7 @@ def train(
     engine: Engine | None = None,
 ) -> TrainState:
     """Run `steps` optimiser steps from `state.step`; `data` (all training samples and their
-    conditioning) is in model units, on the device or on the CPU.
+    conditioning, or rows read from disk) is in model units, on the device or on the CPU.
 
     A checkpoint is written every `checkpoint_every` steps and whenever `checkpoint_seconds`
     of `clock` time have passed since the last one, so a slow run killed without warning

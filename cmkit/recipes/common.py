@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cmkit import data as datalib
-from cmkit.batch import Batch
+from cmkit.batch import Batch, Samples
 from cmkit.config import DataSection, NetworkSpec, RunConfig, SamplingSection, TrainingSection
 from cmkit.distributed import World
 from cmkit.engine import check_precision, make_engine
@@ -24,6 +24,7 @@ from cmkit.errors import OptionError, UserError
 from cmkit.guidance import GUIDANCE_DIM, GuidedDenoiser, WithGuidance, check_guidance
 from cmkit.labels import load_labels, run_labels
 from cmkit.losses import make_distance
+from cmkit.mapped import map_training_rows, mapped_rows
 from cmkit.networks.zoo import NO_NULL_LABEL, build_for_data, default_network, has_null_label
 from cmkit.noise import MAX_SCALES
 from cmkit.process import Process
@@ -116,7 +117,7 @@ def load_training_data(
     layout: str | None = None,
     labels: bool = False,
     label_key: str | None = None,
-) -> tuple[Batch, DataSection]:
+) -> tuple[Samples, DataSection]:
     """Training split in model units (vectors scaled to std σ_data), with its class labels as
     the `labels` conditioning when asked for, and its config section (with the .npz keys and
     layout the user gave, so every later read is the same)."""
@@ -124,19 +125,26 @@ def load_training_data(
         raise OptionError("label_key", f"{label_key!r} names the labels of --labels; add --labels")
     path = Path(spec)
     spec = str(path.resolve()) if path.exists() else spec
+
+    def section(x: np.ndarray, scaler: datalib.Scaler) -> DataSection:
+        classes = load_labels(spec, len(x), label_key).classes if labels else None
+        shape = tuple(x.shape[1:])
+        return DataSection(spec, holdout, shape, scaler, key, layout, classes, label_key)
+
+    if datalib.is_npy(spec):  # its rows stay on disk, read a batch at a time
+        rows = map_training_rows(spec, holdout, sigma_data, layout)
+        return rows, section(rows.raw, rows.scaler)
     x = datalib.load_data(spec, key, layout)
-    classes = load_labels(spec, len(x), label_key).classes if labels else None
-    train_x, _ = datalib.split_holdout(x, holdout)
-    scaler = datalib.Scaler.fit(train_x, sigma_data)
-    shape = tuple(train_x.shape[1:])
-    section = DataSection(spec, holdout, shape, scaler, key, layout, classes, label_key)
-    return run_data(section, x), section
+    data = section(x, datalib.Scaler.fit(datalib.split_holdout(x, holdout)[0], sigma_data))
+    return run_data(data, x), data
 
 
-def run_data(section: DataSection, raw: np.ndarray | None = None) -> Batch:
+def run_data(section: DataSection, raw: np.ndarray | None = None) -> Samples:
     """The training split of a run's data section in model units, with its labels if it has
     them (a student reads its teacher's data exactly as the teacher did). `raw`: the data
     already loaded."""
+    if datalib.is_npy(section.spec):
+        return mapped_rows(section.spec, section.holdout, section.scaler, section.layout)
     raw = datalib.load_data(section.spec, section.key, section.layout) if raw is None else raw
     train_x, _ = datalib.split_holdout(raw, section.holdout)
     x0 = torch.from_numpy(section.scaler.to_model(train_x))
@@ -146,7 +154,7 @@ def run_data(section: DataSection, raw: np.ndarray | None = None) -> Batch:
 
 def from_data(
     run: RunOptions, spec: str, process: Process
-) -> tuple[Batch, DataSection, NetworkSpec, nn.Module]:
+) -> tuple[Samples, DataSection, NetworkSpec, nn.Module]:
     """Seeded start of a run trained on data: training split, data section, network spec, net."""
     torch.manual_seed(run.seed)
     data, section = load_training_data(
@@ -304,7 +312,7 @@ def fit(
     run: RunOptions,
     config: RunConfig,
     state: TrainState,
-    data: Batch,
+    data: Samples,
     loss_fn,
     grad_clip: float | None,
     target_mu=lambda step: 0.0,
