@@ -185,6 +185,8 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     so a terminal's Ctrl-C arrives once; each has 1/nproc of the cores unless OMP_NUM_THREADS
     says otherwise. Returns the first non-zero exit code in rank order (128 + n for one
     ended by signal n), else 0."""
+    if os.name != "posix":
+        raise OptionError("nproc", "starts processes on POSIX systems; use torchrun elsewhere")
     watched, held = os.pipe()  # `held` closes when this process ends, however it ends
     env = {
         **os.environ,
@@ -194,7 +196,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         "LOCAL_WORLD_SIZE": str(nproc),
         LAUNCHER_FD: str(watched),
     }
-    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "cmkit", *argv],
@@ -211,6 +213,13 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     finally:
         os.close(held)
     return next((code for code in codes if code != 0), 0)
+
+
+def _cores() -> int:
+    """The cores this process may run on (all of the machine's where that is unknown)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _free_port() -> int:
