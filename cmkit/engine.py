@@ -55,8 +55,8 @@ class Engine:
 
 
 def check_precision(precision: str, device: str) -> torch.dtype | None:
-    """The autocast dtype of `precision` on `device` (None for fp32); bf16 on a CPU says, in
-    one line, that it is slower where the CPU lacks bf16 units, rather than nothing."""
+    """The autocast dtype of `precision` on `device` (None for fp32), refusing in one line a
+    device that has no bf16 autocast."""
     if precision not in PRECISIONS:
         raise OptionError("precision", f"must be 'fp32' or 'bf16', got {precision!r}")
     if precision == "fp32":
@@ -70,7 +70,8 @@ def check_precision(precision: str, device: str) -> torch.dtype | None:
 
 
 def precision_notice(device: str) -> str | None:
-    """What a user of bf16 on this device should know before training, or None."""
+    """What a user of bf16 on this device should know before training (a CPU: that it is
+    slower, never a silent no-op), or None."""
     if torch.device(device).type != "cpu":
         return None
     if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
