@@ -60,6 +60,7 @@ class TrainingSection:
     lr: float | None = None
     ema_rate: float | None = None
     seed: int | None = None
+    precision: str = "fp32"  # the network forwards' autocast: fp32 (none) or bf16
     options: dict = field(default_factory=dict)
 
 

@@ -113,7 +113,8 @@ def load_data(spec: str, key: str | None = None, layout: str | None = None) -> n
     arrays = path.is_file() and path.suffix.lower() in (".npy", ".npz")
     _check_array_options(spec, key, layout, arrays, path.suffix.lower() == ".npz")
     if arrays:
-        return _validate(_laid_out(_load_numpy(path, key), spec, layout), spec)
+        x = _laid_out(_load_numpy(path, key), spec, layout)
+        return validate(np.ascontiguousarray(x), spec)
     if spec == "digits":
         return load_digits().images[:, None].astype(np.float32)
     if spec == "tinted-digits":
@@ -121,14 +122,30 @@ def load_data(spec: str, key: str | None = None, layout: str | None = None) -> n
     if spec in _TOYS:
         return toy(spec)[0].astype(np.float32)
     if path.is_dir():
-        return _validate(_load_image_folder(path), spec)
+        return validate(_load_image_folder(path), spec)
     if path.is_file() and is_idx(path):
-        return _validate(_load_idx_images(path), spec)
+        return validate(_load_idx_images(path), spec)
     builtins = ", ".join(("digits", "tinted-digits", *BUILTIN_TOYS))
     raise UserError(
         f"unknown data {spec!r}: expected a built-in ({builtins}) "
         "or a path to an existing .npy/.npz file, IDX file (*-ubyte[.gz]) or folder of images"
     )
+
+
+def is_npy(spec: str) -> bool:
+    """A .npy file: the data spec whose training rows are read from disk (cmkit.mapped)."""
+    path = Path(spec).expanduser()
+    return path.is_file() and path.suffix.lower() == ".npy"
+
+
+def map_npy(spec: str, layout: str | None = None) -> np.ndarray:
+    """The array of a .npy file memory-mapped, (N, D) or (N, C, H, W) as `layout` says or as
+    detected (a channels-last file becomes a transposed view, not a copy), in the file's
+    dtype; its header is checked (numeric, non-empty, 2-D or 4-D), its values are not."""
+    _check_array_options(spec, None, layout, True, False)
+    x = _laid_out(read_array(Path(spec).expanduser()), spec, layout)
+    _check_kind(x, spec)
+    return x
 
 
 def is_idx(path: Path) -> bool:
@@ -261,12 +278,12 @@ def _laid_out(x: np.ndarray, source: str, layout: str | None) -> np.ndarray:
     if layout is not None and x.ndim != 4:
         raise UserError(f"{source}: --layout {layout} needs 4-D images; the array is {x.shape}")
     if layout == "nhwc":
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        return x.transpose(0, 3, 1, 2)
     return _channels_first(x, source) if layout is None else x
 
 
 def _channels_first(x: np.ndarray, source: str) -> np.ndarray:
-    """A channels-last image array as (N, C, H, W), saying so once on stderr."""
+    """A channels-last image array viewed as (N, C, H, W), saying so once on stderr."""
     if not is_channels_last(x.shape):
         return x
     n, h, w, c = x.shape
@@ -278,7 +295,7 @@ def _channels_first(x: np.ndarray, source: str) -> np.ndarray:
             "not)",
             file=sys.stderr,
         )
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return x.transpose(0, 3, 1, 2)
 
 
 def image_folder_files(folder: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -353,8 +370,8 @@ def _open_image(path: Path) -> Image.Image:
         raise UserError(f"cannot read image {path}; expected a valid .png or .jpg file") from e
 
 
-def _validate(x: np.ndarray, source: str) -> np.ndarray:
-    """x as float32 after checking it is numeric, (N, D) or (N, C, H, W), non-empty and finite."""
+def _check_kind(x: np.ndarray, source: str) -> None:
+    """Numeric, (N, D) or (N, C, H, W), non-empty: what the header of an array can tell."""
     if x.dtype.kind not in "biuf":
         raise UserError(f"{source}: dtype {x.dtype} is not numeric; expected integers or floats")
     if x.ndim not in (2, 4) or 0 in x.shape:
@@ -362,8 +379,12 @@ def _validate(x: np.ndarray, source: str) -> np.ndarray:
             f"{source}: array has shape {x.shape}; expected (N, D) vectors or (N, C, H, W) "
             "images with every size at least 1"
         )
-    with np.errstate(over="ignore"):
-        x = x.astype(np.float32)
+
+
+def validate(x: np.ndarray, source: str) -> np.ndarray:
+    """x as float32 after checking it is numeric, (N, D) or (N, C, H, W), non-empty and finite."""
+    _check_kind(x, source)
+    x = as_float32(x)
     bad = ~np.isfinite(x)
     if bad.any():
         first = tuple(int(i) for i in np.unravel_index(np.argmax(bad), x.shape))
@@ -374,22 +395,32 @@ def _validate(x: np.ndarray, source: str) -> np.ndarray:
     return x
 
 
-def split_holdout(x: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train, held_out) split by a seeded permutation; fraction in [0, 1).
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """The values as float32; a float64 beyond float32's range becomes inf (and is refused)."""
+    with np.errstate(over="ignore"):
+        return x.astype(np.float32)
 
-    round(fraction·N) samples are held out; both parts keep the original order, so fraction 0
-    returns x unchanged and an empty (0, ...) held-out array.
-    """
+
+def holdout_index(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of n samples, each ascending: round(fraction·n) rows
+    held out by a seeded permutation, fraction in [0, 1)."""
     if not 0 <= fraction < 1:
         raise UserError(f"holdout fraction must be in [0, 1), got {fraction}")
-    n_held = round(fraction * len(x))
-    if n_held >= len(x):
+    n_held = round(fraction * n)
+    if n_held >= n:
         raise UserError(
-            f"holding out {n_held} of {len(x)} samples leaves none to train on; "
+            f"holding out {n_held} of {n} samples leaves none to train on; "
             "expected a smaller holdout fraction"
         )
-    order = np.random.default_rng(seed).permutation(len(x))
-    return x[np.sort(order[n_held:])], x[np.sort(order[:n_held])]
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_held:]), np.sort(order[:n_held])
+
+
+def split_holdout(x: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, held_out) split by holdout_index; both parts keep the original
+    order, so fraction 0 returns x unchanged and an empty (0, ...) held-out array."""
+    train, held = holdout_index(len(x), fraction, seed)
+    return x[train], x[held]
 
 
 def run_splits(section) -> tuple[np.ndarray, np.ndarray]:

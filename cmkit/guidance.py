@@ -10,7 +10,7 @@ for each training batch.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class LabelDropout:
 
     def __call__(self, online, target, batch: Batch, step: int, generator) -> torch.Tensor:
         labels = batch.cond["labels"]
-        drop = torch.rand(len(labels), generator=generator).to(labels.device) < self.p_uncond
+        drop = batch.rand(generator).to(labels.device) < self.p_uncond
         labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         return self.loss(online, target, _with(batch, labels=labels), step, generator)
 
@@ -49,12 +49,12 @@ class WithGuidance:
         if self.w_min == self.w_max:
             w = torch.full((n,), self.w_min)
         else:
-            w = self.w_min + (self.w_max - self.w_min) * torch.rand(n, generator=generator)
+            w = self.w_min + (self.w_max - self.w_min) * batch.rand(generator)
         return self.loss(online, target, _with(batch, guidance=w.to(device)), step, generator)
 
 
 def _with(batch: Batch, **cond: torch.Tensor) -> Batch:
-    return Batch(batch.x0, {**batch.cond, **cond})
+    return replace(batch, cond={**batch.cond, **cond})
 
 
 class GuidedDenoiser(nn.Module):

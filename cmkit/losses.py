@@ -78,10 +78,11 @@ def make_distance(name: str, data_dim: int, c: float | None = None) -> Distance:
 # ---------------------------------------------------------------- teacher losses
 
 
-def lognormal_draw(x0: torch.Tensor, p_mean: float, p_std: float, generator: torch.Generator):
+def lognormal_draw(batch: Batch, p_mean: float, p_std: float, generator: torch.Generator):
     """(ln σ ~ N(P_mean, P_std²) per sample, z ~ N(0, I) like x₀), in this order."""
-    ln_sigma = p_mean + p_std * torch.randn(len(x0), generator=generator).to(x0)
-    return ln_sigma, torch.randn(x0.shape, generator=generator).to(x0)
+    x0 = batch.x0
+    ln_sigma = p_mean + p_std * batch.randn((), generator).to(x0)
+    return ln_sigma, batch.randn(x0.shape[1:], generator).to(x0)
 
 
 def trigflow_target(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor, sigma_data: float):
@@ -101,7 +102,7 @@ class EDMLoss:
 
     def __call__(self, denoiser, _target, batch: Batch, step: int, generator) -> torch.Tensor:
         x0 = batch.x0
-        ln_sigma, z = lognormal_draw(x0, self.p_mean, self.p_std, generator)
+        ln_sigma, z = lognormal_draw(batch, self.p_mean, self.p_std, generator)
         sigma = torch.exp(ln_sigma)
         sd = self.process.sigma_data
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
@@ -117,8 +118,8 @@ class FlowMatchingLoss:
 
     def __call__(self, flow, _target, batch: Batch, step: int, generator) -> torch.Tensor:
         x0 = batch.x0
-        t = torch.rand(len(x0), generator=generator).to(x0)
-        x1 = torch.randn(x0.shape, generator=generator).to(x0)
+        t = batch.rand(generator).to(x0)
+        x1 = batch.randn(x0.shape[1:], generator).to(x0)
         x_t = self.process.perturb(x0, t, x1)
         return l2_distance(flow.velocity(x_t, t, **batch.cond), x1 - x0).mean()
 
@@ -139,7 +140,7 @@ class TrigFlowLoss:
 
     def __call__(self, param, _target, batch: Batch, step: int, generator) -> torch.Tensor:
         x0 = batch.x0
-        ln_sigma, z = lognormal_draw(x0, self.p_mean, self.p_std, generator)  # as EDMLoss
+        ln_sigma, z = lognormal_draw(batch, self.p_mean, self.p_std, generator)  # as EDMLoss
         sd = self.process.sigma_data
         t = torch.atan(torch.exp(ln_sigma) / sd)
         v = trigflow_target(x0, z, t, sd)
@@ -188,10 +189,10 @@ class GridPairs:
     curriculum: object  # .scales(step) -> N
     indices: Callable = uniform_indices
 
-    def __call__(self, x0: torch.Tensor, step: int, generator: torch.Generator):
+    def __call__(self, batch: Batch, step: int, generator: torch.Generator):
         grid = self.process.grid(self.curriculum.scales(step))
-        n = self.indices(grid, len(x0), generator)
-        return grid[n + 1].to(x0), grid[n].to(x0)
+        n = batch.draw(lambda count: self.indices(grid, count, generator))
+        return grid[n + 1].to(batch.x0), grid[n].to(batch.x0)
 
 
 @dataclass(frozen=True)
@@ -236,10 +237,10 @@ class ContinuousPairs:
     schedule: object  # .lower(t, step) -> r
     times: Callable  # (process, batch, generator) -> (B,) float64 times
 
-    def __call__(self, x0: torch.Tensor, step: int, generator: torch.Generator):
-        t = self.times(self.process, len(x0), generator)
+    def __call__(self, batch: Batch, step: int, generator: torch.Generator):
+        t = batch.draw(lambda count: self.times(self.process, count, generator))
         r = self.schedule.lower(t, step).clamp(min=self.process.t_min)
-        return t.to(x0), r.to(x0)
+        return t.to(batch.x0), r.to(batch.x0)
 
 
 def unit_weight(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -291,15 +292,15 @@ class ConsistencyLoss:
     """
 
     process: object
-    pairs: Callable  # (x0, step, generator) -> (t, r)
+    pairs: Callable  # (batch, step, generator) -> (t, r)
     lower_point: Callable  # (x0, x_t, z, t, r, cond) -> x_r
     distance: Distance
     weighting: Weighting = unit_weight
 
     def draw(self, batch: Batch, step: int, generator: torch.Generator) -> Pair:
         x0 = batch.x0
-        t, r = self.pairs(x0, step, generator)
-        z = torch.randn(x0.shape, generator=generator).to(x0)
+        t, r = self.pairs(batch, step, generator)
+        z = batch.randn(x0.shape[1:], generator).to(x0)
         x_t = self.process.perturb(x0, t, z)
         return Pair(t, r, z, x_t, self.lower_point(x0, x_t, z, t, r, batch.cond))
 
@@ -409,11 +410,11 @@ class SCMLoss:
     def draw(self, batch: Batch, generator: torch.Generator):
         """(t, x_t, dx_t/dt) of one batch."""
         x0, sd = batch.x0, self.process.sigma_data
-        t = self.times(len(x0), sd, generator)
+        t = batch.draw(lambda count: self.times(count, sd, generator))
         if self.t_range is not None:
             t = t.clamp(*self.t_range)
         t = t.to(x0)
-        z = torch.randn(x0.shape, generator=generator).to(x0)
+        z = batch.randn(x0.shape[1:], generator).to(x0)
         x_t = self.process.perturb(x0, t, z)
         if self.velocity is None:
             dxdt = trigflow_target(x0, z, t, sd)

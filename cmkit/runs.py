@@ -7,7 +7,8 @@ unpickling code:
   aux.safetensors       the loss's own trained weights, where it has some (sCM's w_φ)
   trainer.safetensors   optimiser tensors and RNG states (CPU, and the training device's), for
                         --resume
-  state.json            step, loss curve, skipped and clipped steps, optimiser settings
+  state.json            step, loss curve, skipped and clipped steps, optimiser settings, the
+                        number of processes each stretch of the run was trained with
   history/              with keep_history: ema-STEP.safetensors per checkpoint, and
                         index.json (step → training seconds), for quality-against-time curves
 
@@ -131,6 +132,7 @@ def save_checkpoint(run_dir: Path, config: RunConfig, state: TrainState) -> None
                 "skipped": state.skipped,
                 "clipped": state.clipped,
                 "seconds": state.seconds,
+                "world_sizes": state.world_sizes,
                 "param_groups": state.optimizer.state_dict()["param_groups"],
             }
         ),
@@ -194,13 +196,15 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
 
 
-def resumable(run_dir: Path) -> bool:
-    """Resume: False, after a notice on stderr, for a run killed before its first checkpoint
-    (no checkpoint file at all, maybe an options.json), so that the same command, resume
-    included, starts it; True otherwise, and load_config then checks what is there."""
+def resumable(run_dir: Path, notify: bool = True) -> bool:
+    """Resume: False, after a notice on stderr (if `notify`), for a run killed before its
+    first checkpoint (no checkpoint file at all, maybe an options.json), so that the same
+    command, resume included, starts it; True otherwise, and load_config then checks what is
+    there."""
     if any((run_dir / name).exists() for name in CHECKPOINT_FILES):
         return True
-    print(f"cmkit: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
+    if notify:
+        print(f"cmkit: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
     return False
 
 
@@ -273,6 +277,7 @@ def restore_state(run_dir: Path, state: TrainState) -> None:
         # runs saved before the loss buffer and the counts were recorded resume with empty ones
         state.running, state.skipped = meta.get("running", []), meta.get("skipped", 0)
         state.clipped = meta.get("clipped", 0)
+        state.world_sizes = meta.get("world_sizes", [[0, 1]])  # older runs: one process
     except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as err:
         raise UserError(
             f"{run_dir} holds a damaged trainer state ({err!r}); start a new run"

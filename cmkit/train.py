@@ -5,6 +5,11 @@ cmkit.losses); the loop owns
 batching, the optimiser step, the target network (θ⁻ ← μθ⁻ + (1−μ)θ), the EMA used for
 sampling, logging, checkpoints by steps and by wall time, the NaN/inf guard and a graceful
 stop on Ctrl-C or SIGTERM.
+
+With several processes (cmkit.engine.Engine's world) each trains on its rows of the global
+batch, and everything that decides what happens next (is the loss finite, was a stop
+signal received, is a checkpoint due by time) is agreed by one all-reduce per step, so every
+process stops at the same step and none waits alone in a collective.
 """
 
 import math
@@ -20,7 +25,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cmkit.batch import Batch
+from cmkit.batch import Batch, Samples
+from cmkit.distributed import World
+from cmkit.engine import Engine
 from cmkit.errors import OptionError
 
 ON_NONFINITE = ("stop", "skip")
@@ -57,6 +64,8 @@ class TrainState:
     skipped: int = 0  # batches skipped for a non-finite loss or gradient
     clipped: int = 0  # optimiser steps whose gradient norm exceeded grad_clip
     seconds: float = 0.0  # wall time spent in train()
+    # [first step, processes] of each stretch trained with another number of processes
+    world_sizes: list[list[int]] = field(default_factory=lambda: [[0, 1]])
 
     @property
     def device(self) -> torch.device:
@@ -96,25 +105,67 @@ def weights_finite(state: TrainState) -> bool:
     )
 
 
-def optimiser_step(
-    state: TrainState, loss_fn: Callable, batch: Batch, grad_clip: float | None
-) -> tuple[float, float, str | None]:
-    """(loss, gradient norm before clipping, None) after one Adam step with the gradient
-    clipped to norm grad_clip (None: not clipped), or (loss, norm, reason) when the loss or the
-    gradient is NaN/inf and no step was taken: nothing non-finite ever reaches the weights."""
-    loss = loss_fn(state.online, state.target, batch, state.step, state.generator)
-    value = loss.item()  # a sync point on GPUs, needed for the check anyway
-    if not math.isfinite(value):
-        return value, math.nan, f"the loss is {value}"
+def draw_batch(data: Samples, batch_size: int, generator: torch.Generator, world: World) -> Batch:
+    """This process's rows of a global batch drawn with replacement from the CPU generator,
+    which keeps runs reproducible; every process draws all of its indices."""
+    idx = torch.randint(0, len(data), (batch_size,), generator=generator)
+    shard = world.shard(batch_size)
+    return data.rows(idx[shard.rows], shard)
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What every process knows after a step's gradients: the mean loss over processes, the
+    stop signal one of them received, and whether a checkpoint is due by wall time."""
+
+    loss: float
+    stop: signal.Signals | None
+    checkpoint_due: bool
+
+
+def agree(world: World, loss: float, stop: signal.Signals | None, due: bool) -> Agreed:
+    """One all-reduce of this process's loss, stop signal and clock (SIGTERM wins over
+    SIGINT, a NaN on one process is a NaN everywhere); alone: the values themselves."""
+    if world.size == 1:
+        return Agreed(loss, stop, due)
+    votes = [loss, stop == signal.SIGINT, stop == signal.SIGTERM, due]
+    total, sigint, sigterm, dues = world.sum([float(v) for v in votes])
+    received = signal.SIGTERM if sigterm else signal.SIGINT if sigint else None
+    return Agreed(total / world.size, received, dues > 0)
+
+
+def backward(
+    state: TrainState, loss_fn: Callable, batch: Batch, grad_clip: float | None, engine: Engine
+) -> tuple[float, float]:
+    """(this process's loss, gradient norm before clipping) with the gradients averaged over
+    the processes and clipped to norm grad_clip (None: not clipped).
+
+    The backward pass runs whatever the loss: with several processes, DDP's gradient
+    all-reduce must happen on all of them, and a NaN on one becomes a NaN gradient on all."""
+    with engine.computing(state.online, state.generator.initial_seed(), state.step):
+        loss = loss_fn(state.online, state.target, batch, state.step, state.generator)
+    loss = loss.float()
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if state.aux is not None:
+        engine.world.average_gradients(state.aux.parameters())
     max_norm = math.inf if grad_clip is None else grad_clip  # inf: measure the norm only
     norm = nn.utils.clip_grad_norm_(state.parameters(), max_norm).item()
+    return loss.item(), norm  # sync points on GPUs, needed for the checks anyway
+
+
+def optimiser_step(
+    state: TrainState, agreed: Agreed, norm: float, grad_clip: float | None
+) -> str | None:
+    """One Adam step, or the reason there is none: a NaN/inf loss (over all processes) or
+    gradient norm, so that nothing non-finite ever reaches the weights."""
+    if not math.isfinite(agreed.loss):
+        return f"the loss is {agreed.loss}"
     if not math.isfinite(norm):
-        return value, norm, f"the gradient norm is {norm}"
+        return f"the gradient norm is {norm}"
     state.optimizer.step()
-    state.clipped += int(norm > max_norm)
-    return value, norm, None
+    state.clipped += int(grad_clip is not None and norm > grad_clip)
+    return None
 
 
 @dataclass
@@ -174,7 +225,7 @@ def _kept(saved: int | None) -> str:
 def train(
     state: TrainState,
     loss_fn: Callable,
-    data: Batch,
+    data: Samples,
     steps: int,
     batch_size: int,
     ema_rate: float,
@@ -187,9 +238,10 @@ def train(
     log_every: int = 50,
     on_nonfinite: str = "stop",
     clock: Callable[[], float] = time.monotonic,
+    engine: Engine | None = None,
 ) -> TrainState:
     """Run `steps` optimiser steps from `state.step`; `data` (all training samples and their
-    conditioning) is in model units, on the device or on the CPU.
+    conditioning, or rows read from disk) is in model units, on the device or on the CPU.
 
     A checkpoint is written every `checkpoint_every` steps and whenever `checkpoint_seconds`
     of `clock` time have passed since the last one, so a slow run killed without warning
@@ -201,54 +253,64 @@ def train(
     state.skipped. SIGINT or SIGTERM saves a checkpoint at the current step and raises
     TrainingInterrupted. With the same state, data and seed, every step is reproducible, so
     a run resumed from any checkpoint ends bit-identical to one that never stopped.
+    engine: the processes, precision and compiled forward (None: one process, float32);
+    `batch_size` is the global batch, split evenly among the processes; rank 0 checkpoints.
     """
     check_on_nonfinite(on_nonfinite)
     check_grad_clip(grad_clip)
+    engine = Engine(World(device=state.device)) if engine is None else engine
+    world = engine.world
+    world.check_batch_size(batch_size)
     device = state.device
     saved = state.step if checkpoint is not None and state.step > 0 else None
-    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="training")
+    shown = progress and world.main
+    bar = tqdm(total=steps, initial=state.step, disable=not shown, desc="training")
     started, seconds_before = time.perf_counter(), state.seconds
     last_saved = clock()
     norms: list[float] = []  # gradient norms since the last log entry, for the progress bar
     with bar, stop_on_signals() as stop:
         while state.step < steps:
-            # data: sampling with replacement from the CPU generator keeps runs reproducible
-            idx = torch.randint(0, len(data), (batch_size,), generator=state.generator)
-            batch = data.rows(idx).to(device)
-            loss, norm, problem = optimiser_step(state, loss_fn, batch, grad_clip)
+            batch = draw_batch(data, batch_size, state.generator, world).to(device)
+            loss, norm = backward(state, loss_fn, batch, grad_clip, engine)
+            due_by_time = clock() - last_saved >= checkpoint_seconds
+            agreed = agree(world, loss, stop.received, due_by_time)
+            problem = optimiser_step(state, agreed, norm, grad_clip)
             if problem is None:
                 # target network and the sampling EMA
                 if state.target is not None:
                     ema_update(state.target, state.online, target_mu(state.step))
                 ema_update(state.ema, state.online.net, ema_rate)
-                state.running.append(loss)
+                state.running.append(agreed.loss)
                 norms.append(norm)
             elif on_nonfinite == "stop":
                 raise TrainingDiverged(f"{problem} at step {state.step + 1}; {_kept(saved)}")
             else:
                 state.skipped += 1
-                tqdm.write(f"step {state.step + 1}: {problem}; batch skipped", file=sys.stderr)
+                if world.main:
+                    tqdm.write(f"step {state.step + 1}: {problem}; batch skipped", file=sys.stderr)
             state.step += 1
             _log(state, bar, state.step % log_every == 0 or state.step == steps, norms)
             state.seconds = seconds_before + time.perf_counter() - started
             due = (
                 state.step % checkpoint_every == 0
                 or state.step == steps
-                or stop.received is not None
-                or clock() - last_saved >= checkpoint_seconds
+                or agreed.stop is not None
+                or agreed.checkpoint_due
             )
             if checkpoint is not None and due:
-                if not weights_finite(state):
+                if world.any(not weights_finite(state)):
                     raise TrainingDiverged(
                         f"the weights are not finite after step {state.step}; {_kept(saved)}"
                     )
-                checkpoint(state)
+                if world.main:
+                    checkpoint(state)
+                world.barrier()  # nobody reports a checkpoint that rank 0 has not committed
                 saved, last_saved = state.step, clock()
-            if stop.received is not None:
+            if agreed.stop is not None:
                 done = "saved a checkpoint" if saved == state.step else "saved nothing"
                 raise TrainingInterrupted(
-                    f"interrupted by {stop.received.name} after step {state.step} and {done}",
-                    stop.received,
+                    f"interrupted by {agreed.stop.name} after step {state.step} and {done}",
+                    agreed.stop,
                 )
     return state
 

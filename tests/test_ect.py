@@ -54,7 +54,7 @@ def test_continuous_pairs_stay_in_the_process_range_with_t_above_r():
     process = EDMProcess()
     pairs = ContinuousPairs(process, ECTSchedule(double=50), LognormalTimes(-1.1, 2.0))
     x0 = torch.zeros(20000, 2)
-    t, r = pairs(x0, 120, torch.Generator().manual_seed(0))
+    t, r = pairs(Batch(x0), 120, torch.Generator().manual_seed(0))
     assert t.dtype == x0.dtype and t.shape == r.shape == (20000,)
     assert (t >= process.t_min).all() and (t <= process.t_max).all()
     assert (r >= process.t_min).all() and (r <= t).all()

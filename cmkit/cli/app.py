@@ -2,13 +2,16 @@
 
 User errors print one line on stderr and exit with 2 (an option named by the library is
 shown as its flag); a diverged run exits with 3; Ctrl-C or SIGTERM during training saves a
-checkpoint and exits with 130 or 143.
+checkpoint and exits with 130 or 143. `--nproc N` starts N processes of this command and
+exits with theirs; of several processes only rank 0 prints these lines and saves
+options.json (the others meet the same outcome, and any traceback of theirs still shows).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from cmkit import distributed
 from cmkit.cli import sampling, tools, training
 from cmkit.cli.options import Parser, check_numbers, config_defaults, flag
 from cmkit.errors import OptionError, UserError
@@ -49,34 +52,42 @@ def _save_options(args: argparse.Namespace, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse(argv)
+        if distributed.launches(getattr(args, "nproc", None)):
+            return distributed.launch(args.nproc, argv)
         result = COMMANDS[args.command][1](args)
-        if isinstance(result, Path):
+        if isinstance(result, Path) and distributed.is_main_process():
             _save_options(args, result)
             print(f"run saved in {result}")
         return 0
     except OptionError as err:
-        print(f"cmkit: error: {flag(err.option)} {_one_line(err.problem)}", file=sys.stderr)
+        _report(f"cmkit: error: {flag(err.option)} {_one_line(err.problem)}")
         return 2
     except UserError as err:
-        print(f"cmkit: error: {_one_line(err)}", file=sys.stderr)
+        _report(f"cmkit: error: {_one_line(err)}")
         return 2
     except TrainingDiverged as err:
-        print(f"cmkit: training stopped: {_one_line(err)}", file=sys.stderr)
+        _report(f"cmkit: training stopped: {_one_line(err)}")
         return 3
     except TrainingInterrupted as err:
         again = "rerun it" if args.command == "quickstart" else "continue with --resume"
-        print(f"cmkit: {err}; {again}", file=sys.stderr)
+        _report(f"cmkit: {err}; {again}")
         return 128 + err.signal  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except (MemoryError, RuntimeError) as err:
         if not _out_of_memory(err):
             raise
-        print(f"cmkit: error: out of memory ({_one_line(err)[:200]})", file=sys.stderr)
+        _report(f"cmkit: error: out of memory ({_one_line(err)[:200]})")
         return 2
     except KeyboardInterrupt:
-        print("cmkit: interrupted", file=sys.stderr)
+        _report("cmkit: interrupted")
         return 130
+
+
+def _report(line: str) -> None:
+    if distributed.is_main_process():
+        print(line, file=sys.stderr)
 
 
 def _out_of_memory(err: Exception) -> bool:

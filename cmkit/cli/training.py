@@ -5,7 +5,9 @@ chosen recipe has no field for is refused rather than silently ignored.
 """
 
 import argparse
-from dataclasses import fields
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import fields, replace
 from pathlib import Path
 
 from cmkit import recipes
@@ -19,6 +21,8 @@ from cmkit.cli.options import (
     require,
 )
 from cmkit.data import LAYOUTS
+from cmkit.distributed import joined
+from cmkit.engine import PRECISIONS
 from cmkit.errors import OptionError
 from cmkit.jvp import JVP_METHODS
 from cmkit.losses import DISTANCES, SCM_TIMES
@@ -120,6 +124,24 @@ def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
         "(a diffusers UNet2DModel, needed by export-diffusers; pip install 'cmkit[diffusers]')",
     )
     add_device(p)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="train in this many processes on this machine, each on its share of the batch "
+        "(gloo on cpu, nccl with one GPU each on cuda); torchrun works too",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="bf16: the network forwards under autocast (weights, optimiser, EMA and loss stay "
+        "fp32); a speed-up on recent GPUs, slower on most CPUs",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the online network's training forward (pays off on long runs)",
+    )
 
 
 def _add_process(p: argparse.ArgumentParser, default: str = "edm") -> None:
@@ -157,7 +179,18 @@ def _run_options(args: argparse.Namespace) -> recipes.RunOptions:
         layout=getattr(args, "layout", None),
         labels=getattr(args, "labels", False),
         label_key=getattr(args, "label_key", None),
+        precision=args.precision,
+        compile=args.compile,
     )
+
+
+@contextmanager
+def _run(args: argparse.Namespace) -> Iterator[recipes.RunOptions]:
+    """The run's options in this process's world of processes (cmkit.distributed), whose
+    device is its own GPU under several processes on cuda."""
+    run = _run_options(args)
+    with joined(run.device) as world:
+        yield replace(run, world=world, device=str(world.device))
 
 
 def _process(args: argparse.Namespace, default: str = "edm"):
@@ -208,7 +241,8 @@ def add_train_teacher(sub) -> None:
 def train_teacher(args: argparse.Namespace) -> Path:
     require(args, "data")
     opts = _options(recipes.TeacherOptions, args)
-    return recipes.teacher_run(_run_options(args), args.data, _process(args), opts)
+    with _run(args) as run:
+        return recipes.teacher_run(run, args.data, _process(args), opts)
 
 
 def add_distill(sub) -> None:
@@ -266,7 +300,8 @@ def distill(args: argparse.Namespace) -> Path:
     recipe = _recipe(args, recipes.DISTILL_RECIPES)
     init = not args.no_init_from_teacher
     opts = _options(recipe.options, args, init_from_teacher=init)
-    return recipe.run(_run_options(args), opts)
+    with _run(args) as run:
+        return recipe.run(run, opts)
 
 
 def _defaults(option: str) -> str:
@@ -338,7 +373,9 @@ def train(args: argparse.Namespace) -> Path:
     require(args, "data")
     recipe = _recipe(args, recipes.TRAINING_RECIPES)
     opts = _options(recipe.options, args)
-    return recipe.run(_run_options(args), args.data, _process(args, recipe.process), opts)
+    process = _process(args, recipe.process)
+    with _run(args) as run:
+        return recipe.run(run, args.data, process, opts)
 
 
 COMMANDS = {

@@ -6,6 +6,7 @@ dataclass and calls these; nothing here knows which recipe it serves.
 
 import copy
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,12 +16,15 @@ import torch
 from torch import nn
 
 from cmkit import data as datalib
-from cmkit.batch import Batch
+from cmkit.batch import Batch, Samples
 from cmkit.config import DataSection, NetworkSpec, RunConfig, SamplingSection, TrainingSection
+from cmkit.distributed import World
+from cmkit.engine import check_precision, make_engine
 from cmkit.errors import OptionError, UserError
 from cmkit.guidance import GUIDANCE_DIM, GuidedDenoiser, WithGuidance, check_guidance
 from cmkit.labels import load_labels, run_labels
 from cmkit.losses import make_distance
+from cmkit.mapped import map_training_rows, mapped_rows
 from cmkit.networks.zoo import NO_NULL_LABEL, build_for_data, default_network, has_null_label
 from cmkit.noise import MAX_SCALES
 from cmkit.process import Process
@@ -69,6 +73,9 @@ class RunOptions:
     layout: str | None = None  # "nchw" or "nhwc" of 4-D arrays (None: detected)
     labels: bool = False  # condition on the data's class labels (see cmkit.labels)
     label_key: str | None = None  # the labels' array in an .npz (None: found by name)
+    precision: str = "fp32"  # or "bf16": the network forwards under autocast
+    compile: bool = False  # torch.compile the online network's training forward
+    world: World = field(default_factory=World)  # the processes training together
 
 
 def num_classes(section: DataSection) -> int | None:
@@ -110,7 +117,7 @@ def load_training_data(
     layout: str | None = None,
     labels: bool = False,
     label_key: str | None = None,
-) -> tuple[Batch, DataSection]:
+) -> tuple[Samples, DataSection]:
     """Training split in model units (vectors scaled to std σ_data), with its class labels as
     the `labels` conditioning when asked for, and its config section (with the .npz keys and
     layout the user gave, so every later read is the same)."""
@@ -118,19 +125,26 @@ def load_training_data(
         raise OptionError("label_key", f"{label_key!r} names the labels of --labels; add --labels")
     path = Path(spec)
     spec = str(path.resolve()) if path.exists() else spec
+
+    def section(x: np.ndarray, scaler: datalib.Scaler) -> DataSection:
+        classes = load_labels(spec, len(x), label_key).classes if labels else None
+        shape = tuple(x.shape[1:])
+        return DataSection(spec, holdout, shape, scaler, key, layout, classes, label_key)
+
+    if datalib.is_npy(spec):  # its rows stay on disk, read a batch at a time
+        rows = map_training_rows(spec, holdout, sigma_data, layout)
+        return rows, section(rows.raw, rows.scaler)
     x = datalib.load_data(spec, key, layout)
-    classes = load_labels(spec, len(x), label_key).classes if labels else None
-    train_x, _ = datalib.split_holdout(x, holdout)
-    scaler = datalib.Scaler.fit(train_x, sigma_data)
-    shape = tuple(train_x.shape[1:])
-    section = DataSection(spec, holdout, shape, scaler, key, layout, classes, label_key)
-    return run_data(section, x), section
+    data = section(x, datalib.Scaler.fit(datalib.split_holdout(x, holdout)[0], sigma_data))
+    return run_data(data, x), data
 
 
-def run_data(section: DataSection, raw: np.ndarray | None = None) -> Batch:
+def run_data(section: DataSection, raw: np.ndarray | None = None) -> Samples:
     """The training split of a run's data section in model units, with its labels if it has
     them (a student reads its teacher's data exactly as the teacher did). `raw`: the data
     already loaded."""
+    if datalib.is_npy(section.spec):
+        return mapped_rows(section.spec, section.holdout, section.scaler, section.layout)
     raw = datalib.load_data(section.spec, section.key, section.layout) if raw is None else raw
     train_x, _ = datalib.split_holdout(raw, section.holdout)
     x0 = torch.from_numpy(section.scaler.to_model(train_x))
@@ -140,7 +154,7 @@ def run_data(section: DataSection, raw: np.ndarray | None = None) -> Batch:
 
 def from_data(
     run: RunOptions, spec: str, process: Process
-) -> tuple[Batch, DataSection, NetworkSpec, nn.Module]:
+) -> tuple[Samples, DataSection, NetworkSpec, nn.Module]:
     """Seeded start of a run trained on data: training split, data section, network spec, net."""
     torch.manual_seed(run.seed)
     data, section = load_training_data(
@@ -165,6 +179,7 @@ def training_section(
         lr=defaults["lr"] * lr_scale if run.lr is None else run.lr,
         ema_rate=run.ema_rate,
         seed=run.seed,
+        precision=run.precision,
         options=options,
     )
     check_positive(
@@ -183,6 +198,8 @@ def training_section(
     if not 0 <= run.ema_rate < 1:
         raise OptionError("ema_rate", f"must be in [0, 1), got {run.ema_rate}")
     check_on_nonfinite(run.on_nonfinite)
+    check_precision(run.precision, run.device)
+    run.world.check_batch_size(section.batch_size)
     return section
 
 
@@ -215,24 +232,44 @@ def start(
     ema = copy.deepcopy(net).requires_grad_(False)
     optimizer = torch.optim.Adam(trainable_parameters(online, aux), lr=config.training.lr)
     state = TrainState(online, optimizer, torch.Generator().manual_seed(run.seed), ema, target, aux)
-    out = _prepare_out(Path(run.out))
-    if run.resume and resumable(out):
+    state.world_sizes = [[0, run.world.size]]
+    out = _prepare_out(Path(run.out), run.world)
+    if run.resume and resumable(out, notify=run.world.main):
         _check_same_run(out, load_config(out, config.kind), config)
         restore_state(out, state)
+        _note_world_size(out, state, run.world)
     elif (out / "config.json").exists():
         raise UserError(f"{out} already holds a run; resume it or choose another run directory")
     return state
 
 
-def _prepare_out(out: Path) -> Path:
+def _prepare_out(out: Path, world: World) -> Path:
     """Create the run directory now (not at the first checkpoint) and finish any checkpoint
-    a crash left committed but not yet renamed."""
+    a crash left committed but not yet renamed (rank 0, while the others wait to read)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OptionError("out", f"{out} cannot be a run directory: {err.strerror}") from None
-    finish_checkpoint(out)
+    if world.main:
+        finish_checkpoint(out)
+    world.barrier()
     return out
+
+
+def _note_world_size(out: Path, state: TrainState, world: World) -> None:
+    """A resume with another number of processes continues the run, not bit for bit: the
+    gradients are averaged over other groups of rows (all-reduce rounding); it is recorded."""
+    before = state.world_sizes[-1][1]
+    if before == world.size:
+        return
+    state.world_sizes.append([state.step, world.size])
+    if world.main:
+        print(
+            f"cmkit: {out} was trained in {_processes(before)} up to step {state.step}; "
+            f"continuing in {_processes(world.size)}, the same run up to all-reduce rounding "
+            "(not bit-identical)",
+            file=sys.stderr,
+        )
 
 
 def _check_same_run(out: Path, saved: RunConfig, config: RunConfig) -> None:
@@ -267,11 +304,15 @@ def _differences(old, new, path: str = ""):
         yield f"{path}: {old!r} -> {new!r}"
 
 
+def _processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
+
+
 def fit(
     run: RunOptions,
     config: RunConfig,
     state: TrainState,
-    data: Batch,
+    data: Samples,
     loss_fn,
     grad_clip: float | None,
     target_mu=lambda step: 0.0,
@@ -279,6 +320,7 @@ def fit(
     """Train to the configured step count, checkpointing into the run directory; grad_clip
     None trains unclipped."""
     out = Path(run.out)
+    engine = make_engine(run.world, state.online.net, run.precision, run.compile)
     train(
         state,
         loss_fn,
@@ -293,6 +335,7 @@ def fit(
         checkpoint_seconds=60 * run.checkpoint_minutes,
         progress=run.progress,
         on_nonfinite=run.on_nonfinite,
+        engine=engine,
     )
     return out
 
