@@ -20,22 +20,37 @@ SNAPSHOTS = 12  # history points per run
 
 
 def train_runs(out: Path, data: str, scale: float = 1.0, only: tuple[str, ...] = CM_RUNS) -> None:
-    """Train (or resume) the teacher and the CM runs in `only`."""
+    """Train (or resume) the teacher and the CM runs in `only`, keeping the students' EMA
+    weights at SNAPSHOTS checkpoints."""
+    run_stages(out, data, recipes.default_stages(out, data, only), scale, history=True)
+
+
+def run_stages(
+    out: Path, data: str, stages: dict, scale: float, history: bool = False, **options
+) -> dict[str, float]:
+    """Train (or resume, or reuse when complete) each stage name -> (steps key, train) in
+    order at <out>/<name>, for its data kind's default steps times `scale`; `options` go to
+    every stage's RunOptions. Returns each run's training minutes."""
     base = recipes.defaults_for(load_data(data).shape[1:])
-    for name, (key, train) in recipes.default_stages(out, data, only).items():
+    minutes = {}
+    for name, (key, train) in stages.items():
         steps = recipes.scaled_steps(base, key, scale)
         run_dir = out / name
         print(f"== {data} {name}: {steps} steps", flush=True)
+        keep = history and name != "teacher"
         train(
             recipes.RunOptions(
                 out=str(run_dir),
                 steps=steps,
                 progress=False,
                 resume=(run_dir / "config.json").exists(),
-                checkpoint_every=max(1, steps // SNAPSHOTS),
-                keep_history=name != "teacher",
+                checkpoint_every=max(1, steps // SNAPSHOTS) if history else 1000,
+                keep_history=keep,
+                **options,
             )
         )
+        minutes[name] = json.loads((run_dir / "state.json").read_text())["seconds"] / 60
+    return minutes
 
 
 def history(run_dir: Path) -> list[tuple[int, float, Model]]:
