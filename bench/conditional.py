@@ -123,11 +123,12 @@ def checks(rows: list[dict], ws: list[float]) -> list[str]:
 
     teacher = {w: row("teacher (Heun)", w, 2 * TEACHER_POINTS - 1) for w in ws}
     acc = [teacher[w]["accuracy"] for w in ws]
-    falls = any(b < a for a, b in zip(acc, acc[1:], strict=False))
+    drop = max((a - b for a, b in zip(acc, acc[1:], strict=False)), default=0.0)
+    trend = f"falls by up to {100 * drop:.2f} points" if drop > 0 else "never falls"
     lines = [
         f"- Teacher at w = {ws[0]:g}: accuracy {100 * acc[0]:.1f}% (target ≥ 95%); over w = "
-        f"{', '.join(f'{w:g}' for w in ws)}: {', '.join(f'{100 * a:.1f}%' for a in acc)} "
-        f"({'falls' if falls else 'never falls'} as w grows)."
+        f"{', '.join(f'{w:g}' for w in ws)}: {', '.join(f'{100 * a:.2f}%' for a in acc)} "
+        f"({trend} from one w to the next; target: does not fall)."
     ]
     for w in ws:
         fixed, t = row(f"CD at w={w:g}", w, 1), teacher[w]
