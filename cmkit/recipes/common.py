@@ -22,7 +22,7 @@ from cmkit.distributed import World
 from cmkit.engine import check_precision, make_engine
 from cmkit.errors import OptionError, UserError
 from cmkit.guidance import GUIDANCE_DIM, GuidedDenoiser, WithGuidance, check_guidance
-from cmkit.labels import load_labels, run_labels
+from cmkit.labels import Labels, load_labels, run_labels
 from cmkit.losses import make_distance
 from cmkit.mapped import map_training_rows, mapped_rows
 from cmkit.networks.zoo import NO_NULL_LABEL, build_for_data, default_network, has_null_label
@@ -126,29 +126,39 @@ def load_training_data(
     path = Path(spec)
     spec = str(path.resolve()) if path.exists() else spec
 
-    def section(x: np.ndarray, scaler: datalib.Scaler) -> DataSection:
-        classes = load_labels(spec, len(x), label_key).classes if labels else None
+    def section(x, scaler: datalib.Scaler, found: Labels | None) -> DataSection:
+        classes = None if found is None else found.classes
         shape = tuple(x.shape[1:])
         return DataSection(spec, holdout, shape, scaler, key, layout, classes, label_key)
 
+    def labels_of(x) -> Labels | None:
+        return load_labels(spec, len(x), label_key) if labels else None
+
     if datalib.is_npy(spec):  # its rows stay on disk, read a batch at a time
         rows = map_training_rows(spec, holdout, sigma_data, layout)
-        return rows, section(rows.raw, rows.scaler)
+        return rows, section(rows.raw, rows.scaler, labels_of(rows.raw))
     x = datalib.load_data(spec, key, layout)
-    data = section(x, datalib.Scaler.fit(datalib.split_holdout(x, holdout)[0], sigma_data))
-    return run_data(data, x), data
+    found = labels_of(x)
+    scaler = datalib.Scaler.fit(datalib.split_holdout(x, holdout)[0], sigma_data)
+    data = section(x, scaler, found)
+    return run_data(data, x, None if found is None else found.y), data
 
 
-def run_data(section: DataSection, raw: np.ndarray | None = None) -> Samples:
+def run_data(
+    section: DataSection, raw: np.ndarray | None = None, y: np.ndarray | None = None
+) -> Samples:
     """The training split of a run's data section in model units, with its labels if it has
-    them (a student reads its teacher's data exactly as the teacher did). `raw`: the data
-    already loaded."""
+    them (a student reads its teacher's data exactly as the teacher did). `raw` and `y`: the
+    data and its labels already loaded, so they are not read twice."""
     if datalib.is_npy(section.spec):
         return mapped_rows(section.spec, section.holdout, section.scaler, section.layout)
     raw = datalib.load_data(section.spec, section.key, section.layout) if raw is None else raw
     train_x, _ = datalib.split_holdout(raw, section.holdout)
     x0 = torch.from_numpy(section.scaler.to_model(train_x))
-    labels = run_labels(section, len(raw))
+    if y is not None:
+        labels = datalib.split_holdout(y, section.holdout)
+    else:
+        labels = run_labels(section, len(raw))
     return Batch(x0) if labels is None else Batch(x0, {"labels": torch.from_numpy(labels[0])})
 
 
