@@ -44,6 +44,36 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = RHO) 
     return grid
 
 
+def lcm_timesteps(num_timesteps: int, n: int) -> torch.Tensor:
+    """LCM's N timesteps of a T-step DDPM table, ascending: 0 and t_j = round(j·k) − 1 for
+    j = 1..N−1 with the skipping step k = T/(N − 1) (T = 1000, N = 51: 0, 19, 39, …, 999,
+    the DDIM timesteps of diffusers' LCM training, with t − k clamped to 0 at the bottom)."""
+    most = num_timesteps // 2 + 1  # k >= 2, so that t_1 = round(k) − 1 > 0
+    if not 2 <= n <= most:
+        raise UserError(f"a grid on {num_timesteps} timesteps has 2 to {most} points, got N={n}")
+    k = num_timesteps / (n - 1)
+    upper = torch.round(torch.arange(1, n, dtype=torch.float64) * k).long() - 1
+    return torch.cat([torch.zeros(1, dtype=torch.long), upper])
+
+
+@dataclass(frozen=True)
+class TimestepGrid:
+    """The N-point σ grid at LCM's timesteps of a DDPM teacher's own table (`log_sigmas`:
+    ln σ_t for t = 0..T−1, ascending), ends exactly the process's σ_min = σ_0 and σ_max = σ_{T−1}.
+
+    LCM pairs adjacent points (t_{n+k}, t_n) of the 1000-step table, k = 20; on cmkit's σ axis
+    these are adjacent points of this grid, with CD's boundary f(x, σ_0) = x at timestep 0."""
+
+    log_sigmas: torch.Tensor
+    process: object  # the teacher's EDMProcess on [σ_0, σ_{T−1}]
+
+    def grid(self, n: int) -> torch.Tensor:
+        t = lcm_timesteps(len(self.log_sigmas), n)
+        sigmas = torch.exp(self.log_sigmas.double()[t])
+        sigmas[0], sigmas[-1] = self.process.t_min, self.process.t_max
+        return sigmas
+
+
 def check_grid_args(n: int, t_min: float, t_max: float) -> None:
     """Reject grids that cannot exist, with a message naming the bad value."""
     if not 2 <= n <= MAX_SCALES:

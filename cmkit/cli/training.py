@@ -28,6 +28,7 @@ from cmkit.jvp import JVP_METHODS
 from cmkit.losses import DISTANCES, SCM_TIMES
 from cmkit.networks.zoo import BACKBONES
 from cmkit.process import PROCESSES, EDMProcess, make_process
+from cmkit.recipes.cd import SPACINGS
 from cmkit.recipes.ct import MU_VARIANTS
 from cmkit.recipes.ect import ECT_TIMES, ECT_WEIGHTINGS
 from cmkit.recipes.ict import PAIRS, WEIGHTINGS
@@ -246,23 +247,37 @@ def train_teacher(args: argparse.Namespace) -> Path:
 
 
 def add_distill(sub) -> None:
-    d = recipes.CDOptions(teacher="")
+    d, lcm = recipes.CDOptions(teacher=""), recipes.LCMOptions(teacher="")
     p = sub.add_parser(
         "distill",
-        help="consistency distillation from a teacher run (CD, or sCD in continuous time)",
+        help="consistency distillation from a teacher run (CD, LCM, or sCD in continuous time)",
     )
     _add_run_options(p, data=False)
     p.add_argument(
         "--recipe",
         default="cd",
         choices=list(recipes.DISTILL_RECIPES),
-        help="cd: grid pairs joined by a teacher ODE step (default); scd: continuous time",
+        help="cd: grid pairs joined by a teacher ODE step (default); lcm: cd with LCM's "
+        "settings (Euler/DDIM steps, N = 51, μ = 0.95, a DDPM teacher's own timesteps); "
+        "scd: continuous time",
     )
     p.add_argument("--teacher", help="teacher run directory")
-    p.add_argument("--solver", choices=SOLVERS, help=f"teacher ODE step (default {d.solver})")
-    p.add_argument("--num-scales", type=int, help=f"N, points of the σ grid ({d.num_scales})")
+    p.add_argument(
+        "--solver", choices=SOLVERS, help=f"teacher ODE step (cd {d.solver}, lcm {lcm.solver})"
+    )
+    p.add_argument(
+        "--num-scales",
+        type=int,
+        help=f"N, points of the σ grid (cd {d.num_scales}, lcm {lcm.num_scales})",
+    )
     p.add_argument("--distance", choices=DISTANCES, help=f"default {d.distance}")
-    p.add_argument("--mu", type=float, help=f"target EMA rate μ (default {d.mu})")
+    p.add_argument("--mu", type=float, help=f"target EMA rate μ (cd {d.mu}, lcm {lcm.mu})")
+    p.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        help="the σ grid: the process's (Karras for EDM; cd's default), or timesteps: every "
+        "k-th of an imported DDPM teacher's timesteps, k = T/(N − 1) (lcm's default for one)",
+    )
     p.add_argument(
         "--no-init-from-teacher", action="store_true", help="start the student from random weights"
     )

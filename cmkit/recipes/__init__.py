@@ -2,6 +2,7 @@
 
   teacher   an EDM denoiser or flow-matching velocity field (the baseline, CD's teacher)
   cd        consistency distillation from a teacher run
+  lcm       CD of a guided teacher with LCM's settings (latent consistency models)
   ct, ict   consistency training from data alone (original and improved)
   ect       easy consistency tuning: continuous-time pairs, from a teacher or from scratch
   scm       continuous-time sCT (from data) and sCD (from a teacher) on TrigFlow, by JVP
@@ -20,6 +21,7 @@ from cmkit.recipes.common import RunOptions, defaults_for
 from cmkit.recipes.ct import CTOptions, ct_run
 from cmkit.recipes.ect import ECTOptions, ect_run
 from cmkit.recipes.ict import ICTOptions, ict_run
+from cmkit.recipes.lcm import LCMOptions, lcm_run
 from cmkit.recipes.scm import SCDOptions, SCTOptions, scd_run, sct_run
 from cmkit.recipes.stages import STUDENTS, default_stages, scaled_steps
 from cmkit.recipes.teacher import TeacherOptions, teacher_run
@@ -43,6 +45,7 @@ TRAINING_RECIPES = {
 DISTILL_RECIPES = {
     "cd": Recipe(CDOptions, distill_run),
     "scd": Recipe(SCDOptions, scd_run, "trigflow"),
+    "lcm": Recipe(LCMOptions, lcm_run),
 }
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "DISTILL_RECIPES",
     "ECTOptions",
     "ICTOptions",
+    "LCMOptions",
     "TRAINING_RECIPES",
     "Recipe",
     "RunOptions",
@@ -64,6 +68,7 @@ __all__ = [
     "distill_run",
     "ect_run",
     "ict_run",
+    "lcm_run",
     "scaled_steps",
     "scd_run",
     "sct_run",
