@@ -22,7 +22,7 @@ from cmkit import data as datalib
 from cmkit.batch import NO_COND, Cond
 from cmkit.errors import OptionError, UserError
 from cmkit.features import make_extractor
-from cmkit.generate import Model, generate
+from cmkit.generate import Model, check_tcd, generate
 from cmkit.labels import run_labels
 from cmkit.metrics import (
     energy_distance,
@@ -220,16 +220,23 @@ class Plan:
     options: dict
 
 
-def plans(model: Model, nfes: list[int], solvers: tuple[str, ...] = ("euler", "heun")):
-    """Samplers to evaluate: a teacher's solvers at each NFE, or a CM's k-step sampler.
+def plans(
+    model: Model,
+    nfes: list[int],
+    solvers: tuple[str, ...] = ("euler", "heun"),
+    gamma: float | None = None,
+):
+    """Samplers to evaluate: a teacher's solvers at each NFE, or a CM's k-step sampler (TCD's
+    with `gamma`, which its label names).
 
     Heun spends 2K − 1 evaluations on K points, so an even NFE asked of it is rounded down
     (and a repeat dropped); each plan reports the NFE it really uses.
     """
     if any(k < 1 for k in nfes):
         raise OptionError("nfe", f"values must be >= 1, got {nfes}")
+    check_tcd(model, gamma)
     if model.kind != "teacher":
-        return [Plan(f"{k} step" + ("s" if k > 1 else ""), k, {"steps": k}) for k in nfes]
+        return [_cm_plan(k, gamma) for k in nfes]
     out = []
     for solver in solvers:
         seen = set()
@@ -242,13 +249,27 @@ def plans(model: Model, nfes: list[int], solvers: tuple[str, ...] = ("euler", "h
     return out
 
 
+def _cm_plan(k: int, gamma: float | None) -> Plan:
+    label = f"{k} step" + ("s" if k > 1 else "")
+    if gamma is None:
+        return Plan(label, k, {"steps": k})
+    return Plan(f"{label}, TCD γ = {gamma:g}", k, {"steps": k, "gamma": gamma})
+
+
 def evaluate(
-    model: Model, scorer: Scorer, nfes: list[int], n: int, seed: int = 0, cond: Cond = NO_COND
+    model: Model,
+    scorer: Scorer,
+    nfes: list[int],
+    n: int,
+    seed: int = 0,
+    cond: Cond = NO_COND,
+    gamma: float | None = None,
 ) -> list[dict]:
     """Rows of {sampler, nfe, metric: value, …}, sampling each plan from the same seed
-    (with `cond`, n rows of conditioning, for every sample set)."""
+    (with `cond`, n rows of conditioning, for every sample set; with `gamma`, a CM's TCD
+    sampler)."""
     rows = []
-    for plan in plans(model, nfes):
+    for plan in plans(model, nfes, gamma=gamma):
         samples = generate(model, n, seed, **plan.options, cond=cond)
         rows.append({"sampler": plan.label, "nfe": plan.nfe, **scorer(samples)})
     return rows

@@ -17,7 +17,14 @@ from cmkit.guidance import GuidedDenoiser
 from cmkit.networks.zoo import NO_NULL_LABEL, has_null_label
 from cmkit.process import Process
 from cmkit.runs import load_network
-from cmkit.sampling import check_times, clip_denoised, sample_multistep, sample_ode
+from cmkit.sampling import (
+    check_gamma,
+    check_times,
+    clip_denoised,
+    sample_multistep,
+    sample_ode,
+    sample_tcd,
+)
 from cmkit.solvers import DEFAULT_GRID_POINTS, DEFAULT_SOLVER
 
 
@@ -130,6 +137,19 @@ def cm_times(model: Model, steps: int | None, times: list[float] | None) -> list
     return stored if stored is not None else model.process.default_times(steps)
 
 
+def check_tcd(model: Model, gamma: float | None, ode: bool = False) -> None:
+    """γ, if given, is TCD's: it changes how a consistency run re-noises between its steps,
+    so a teacher's solver and the ODE, which never re-noise, refuse it rather than ignore it."""
+    if gamma is None:
+        return
+    if model.kind == "teacher" or ode:
+        sampler = "a teacher's solver" if model.kind == "teacher" else "the ODE (--ode)"
+        raise OptionError(
+            "gamma", f"applies to consistency runs' multistep sampling, not {sampler}"
+        )
+    check_gamma(gamma)
+
+
 @torch.no_grad()
 def generate(
     model: Model,
@@ -139,6 +159,7 @@ def generate(
     times: list[float] | None = None,
     solver: str | None = None,
     ode: bool = False,
+    gamma: float | None = None,
     chunk: int = 2048,
     progress: bool = False,
     cond: Cond = NO_COND,
@@ -148,8 +169,10 @@ def generate(
 
     Teacher runs integrate the PF-ODE (Euler/Heun, `steps` grid points). Consistency runs use
     one step, the multistep sampler over `times`, or with `ode` the ODE v = (x − f)/t
-    (TrigFlow: (cos t·x − f)/sin t = σ_d·F, the model's drift); a run whose sampling section
-    sets clip_denoised (imported from diffusers) clamps f to [−1, 1].
+    (TrigFlow: (cos t·x − f)/sin t = σ_d·F, the model's drift); `gamma` in [0, 1] makes the
+    multistep sampler TCD's (sample_tcd; 1 is the multistep sampler itself, 0 deterministic);
+    a run whose sampling section sets clip_denoised (imported from diffusers) clamps f to
+    [−1, 1].
     All noise is drawn up front from one CPU generator, so chunking does not change results:
     K standard-normal tensors (n, *shape), the initial noise first, then one per intermediate
     time (K = 1 for the ODE). `noise`, a float32 (K, n, *shape) array, replaces that draw and
@@ -164,6 +187,7 @@ def generate(
         raise OptionError("solver", f"must be 'euler' or 'heun', got {solver!r}")
     if times is not None and model.kind == "teacher":
         raise OptionError("times", "applies to consistency runs; a teacher takes a step count")
+    check_tcd(model, gamma, ode)
     use_ode = model.kind == "teacher" or ode
     if use_ode:
         k = steps or model.config.sampling.steps or DEFAULT_GRID_POINTS
@@ -185,8 +209,10 @@ def generate(
         cc = cond_rows(cond, i, i + chunk, device)
         if use_ode:
             x = sample_ode(model.fn, model.process, zc, k, solver, cc)
-        else:
+        elif gamma is None:
             x = sample_multistep(f, model.process, zc, taus, ec, cc)
+        else:
+            x = sample_tcd(f, model.process, zc, taus, ec, gamma, cc)
         out.append(x.cpu())
     return model.scaler.to_raw(torch.cat(out).numpy()).astype(np.float32)
 

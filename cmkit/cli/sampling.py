@@ -25,6 +25,7 @@ def add_sample(sub) -> None:
         "points K (default 18, Heun: 2K−1 evaluations)",
     )
     p.add_argument("--times", type=floats, help="CM: intermediate times τ₁ > τ₂ > …")
+    _add_gamma(p)
     p.add_argument("--solver", choices=SOLVERS, help="teacher (or --ode) solver")
     p.add_argument(
         "--ode",
@@ -40,6 +41,16 @@ def add_sample(sub) -> None:
         "intermediate time (K = a CM's steps; 1 for a teacher or --ode)",
     )
     add_device(p)
+
+
+def _add_gamma(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gamma",
+        type=float,
+        help="CM: TCD's strategic stochastic sampling with γ in [0, 1] (Zheng et al. 2024; "
+        "TCD's default 0.3): γ = 1 is the multistep sampler, as without --gamma; γ = 0 is "
+        "deterministic",
+    )
 
 
 def _add_conditioning(p: argparse.ArgumentParser) -> None:
@@ -100,6 +111,7 @@ def sample(args: argparse.Namespace) -> None:
         args.times,
         args.solver,
         args.ode,
+        args.gamma,
         progress=not args.no_progress,
         cond=conditioning(model, n, args.label, args.guidance),
         noise=noise,
@@ -165,12 +177,13 @@ def add_eval(sub) -> None:
         "--fd-inf", action="store_true", help="images: add FD∞ (Chong & Forsyth 2020), slower"
     )
     p.add_argument("--json", help="also write the results to this JSON file")
+    _add_gamma(p)
     _add_conditioning(p)
 
 
 def evaluate(args: argparse.Namespace) -> None:
     from cmkit.evaluate import evaluate, held_out, markdown_table, reference_splits
-    from cmkit.generate import conditioning
+    from cmkit.generate import check_tcd, conditioning
 
     if args.data and args.reference:
         raise UserError("--data and --reference both choose the reference; pass one")
@@ -178,6 +191,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     def reference(model):
         conditioning(model, 1, args.label, args.guidance)  # checks them before any work
+        check_tcd(model, args.gamma)
         if args.data:
             return held_out(model, args.data)
         one_class = None if args.label in (None, "all") else int(args.label)
@@ -188,7 +202,7 @@ def evaluate(args: argparse.Namespace) -> None:
     model, scorer, n = _scoring(args, reference, args.fd_inf)
     default = [1, 2, 4] if model.kind != "teacher" else [1, 2, 4, 8, 18, 35]
     cond = conditioning(model, n, args.label, args.guidance)
-    rows = evaluate(model, scorer, args.nfe or default, n, args.seed, cond)
+    rows = evaluate(model, scorer, args.nfe or default, n, args.seed, cond, args.gamma)
     print(f"{args.model}: {n} samples against {len(scorer.reference)} reference samples")
     print(markdown_table(rows))
     if args.json:
@@ -199,6 +213,7 @@ def evaluate(args: argparse.Namespace) -> None:
             "reference_size": len(scorer.reference),
             "n": n,
             "seed": args.seed,
+            "gamma": args.gamma,
             "rows": rows,
         }
         save_json(Path(args.json), report)
