@@ -8,16 +8,17 @@ larger than RAM, torch.compile's break-even point, and the built-in UNet against
    computes what each rank computes without the all-reduces (and draws half the noise).
 3. Peak resident memory (ru_maxrss of the training process: the default UNet, batch 16) on
    a 2 GB and a 200 MB .npy of 32 px images: rows stay on disk, so memory should not follow
-   the file's size.
+   the file's size (nor should the time per step, also shown).
 4. --compile: its one-time cost and per-step gain on the digits UNet, and the step count
    where it breaks even (a fresh inductor cache per run, so the cost is not hidden).
 5. One training step (EDM loss, backward, Adam) of the built-in UNet against diffusers'
    UNet2DModel of the same widths (zoo.default_network's) at 8, 28 and 32 px, interleaved.
 
-Prints the tables with their ratios and writes them to BENCHMARKS.md (`--no-write`: not).
+Prints the tables with their ratios and writes them to BENCHMARKS.md (not with `--no-write`,
+nor with `--only`, which runs one section).
 Run it alone on the machine: every number is a wall-clock time.
 
-    python bench/scale.py [--workdir DIR] [--quick] [--no-write]
+    python bench/scale.py [--workdir DIR] [--quick] [--no-write] [--only SECTION]
 """
 
 import argparse
@@ -54,23 +55,35 @@ class Case:
     steps: int
 
 
-def cmkit(args: list, threads: int, **env) -> subprocess.Popen:
+# Starts a command and writes its ru_maxrss to argv[1]: a process started with vfork + exec
+# (subprocess, posix_spawn) begins with its parent's peak RSS as its own, so the trainer is
+# started from this small process, not from the bench, whose peak (torch, the 2 GB .npy it
+# wrote through a map) would otherwise be counted as the run's.
+LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, status, usage = "
+    "os.wait4(p.pid, 0); open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); "
+    "sys.exit(os.waitstatus_to_exitcode(status))"
+)
+
+
+def cmkit(args: list, threads: int, maxrss: Path, **env) -> subprocess.Popen:
+    """`cmkit ARGS` started through LAUNCHER, which writes its peak RSS (KiB) to `maxrss`."""
     environ = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), **env}
     command = [sys.executable, "-m", "cmkit", *map(str, args), "--no-progress"]
-    return subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL)
+    launcher = [sys.executable, "-c", LAUNCHER, maxrss, *command]
+    return subprocess.Popen(launcher, env=environ, stdout=subprocess.DEVNULL)
 
 
 def train(case: Case, out: Path, nproc: int, threads: int, batch: int, *extra, **env) -> dict:
     """Run the case to its step count; returns its state.json (and `maxrss`, in bytes)."""
     args = [*case.args, "--steps", case.steps, "--batch-size", batch, "--out", out, *extra]
     args += ["--checkpoint-every", 10**9] if "--checkpoint-every" not in extra else []
-    proc = cmkit([*args, "--nproc", nproc], threads, **env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    maxrss = out.parent / f"{out.name}.maxrss"
+    proc = cmkit([*args, "--nproc", nproc], threads, maxrss, **env)
+    if proc.wait() != 0:
         raise SystemExit(f"bench: {' '.join(map(str, args))} exited with {proc.returncode}")
     state = json.loads((out / "state.json").read_text())
-    return {**state, "maxrss": usage.ru_maxrss * 1024}  # Linux reports KiB
+    return {**state, "maxrss": int(maxrss.read_text()) * 1024}  # Linux reports KiB
 
 
 def images(path: Path, rows: int, size: int = 32) -> Path:
@@ -116,18 +129,20 @@ def throughput(cases: list[Case], work: Path) -> list[str]:
 def memory(work: Path, small_rows: int, steps: int) -> list[str]:
     case = Case("UNet 32 px", ("train-teacher",), 16, steps)
     lines = [
-        "| .npy data | file size | peak RSS | RSS / 200 MB-class file's |",
-        "|---|---:|---:|---:|",
+        "| .npy data | file size | peak RSS | RSS / 200 MB-class file's | ms per step |",
+        "|---|---:|---:|---:|---:|",
     ]
     peaks = []
     for name, rows in (("small", small_rows), ("large", 10 * small_rows)):
         path = images(work / f"{name}.npy", rows)
         run = Case(case.label, (*case.args, "--data", str(path)), case.batch, case.steps)
-        peaks.append(train(run, work / f"memory-{name}", 1, 2, case.batch)["maxrss"])
+        state = train(run, work / f"memory-{name}", 1, 2, case.batch)
+        peaks.append(state["maxrss"])
         size = path.stat().st_size
         lines.append(
             f"| {rows} images 3×32×32 uint8 | {size / 2**20:.0f} MiB | "
-            f"{peaks[-1] / 2**20:.0f} MiB | {peaks[-1] / peaks[0]:.2f}× |"
+            f"{peaks[-1] / 2**20:.0f} MiB | {peaks[-1] / peaks[0]:.2f}× | "
+            f"{1000 * state['seconds'] / state['step']:.0f} |"
         )
     return lines
 
@@ -202,11 +217,17 @@ def unets(rounds: int, batch: int) -> list[str]:
     return lines
 
 
+SECTIONS = ("throughput", "memory", "compile", "unets")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="bench_runs/scale")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few steps, small files")
     parser.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md")
+    parser.add_argument(
+        "--only", choices=SECTIONS, help="run this section alone; print only, like --no-write"
+    )
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -215,35 +236,44 @@ def main() -> None:
     def steps(n: int) -> int:
         return max(4, int(n * k))
 
-    image32 = str(images(work / "images32.npy", 2048))
-    mlp = ("train-teacher", "--data", "moons", "--network")
-    cases = [
-        Case("MLP 256×4 (moons)", (*mlp, '{"hidden": 256}'), 512, steps(400)),
-        Case("MLP 1024×4 (moons)", (*mlp, '{"hidden": 1024}'), 1024, steps(200)),
-        Case("UNet 8 px (digits)", ("train-teacher", "--data", "digits"), 64, steps(200)),
-        Case("UNet 32 px", ("train-teacher", "--data", image32), 64, steps(60)),
-    ]
+    def cases() -> list[Case]:
+        image32 = str(images(work / "images32.npy", 2048))
+        mlp = ("train-teacher", "--data", "moons", "--network")
+        return [
+            Case("MLP 256×4 (moons)", (*mlp, '{"hidden": 256}'), 512, steps(400)),
+            Case("MLP 1024×4 (moons)", (*mlp, '{"hidden": 1024}'), 1024, steps(200)),
+            Case("UNet 8 px (digits)", ("train-teacher", "--data", "digits"), 64, steps(200)),
+            Case("UNet 32 px", ("train-teacher", "--data", image32), 64, steps(60)),
+        ]
+
     torch.set_num_threads(2)
     small_rows = 2048 if args.quick else 68_267  # 200 MiB of 3×32×32 bytes (2 GiB ×10)
-    sections = [
-        ("Training throughput: processes against threads (steps/s)", throughput(cases, work)),
-        ("Peak memory training on a .npy (rows stay on disk)", memory(work, small_rows, steps(60))),
-        ("torch.compile: cost and break-even", compile_cost(work, steps(300))),
-        (
-            "One training step: built-in UNet against diffusers' UNet2DModel",
-            unets(3 if args.quick else 30, 32),
+    sections = {  # name: (title, what measures it)
+        "throughput": (
+            "Training throughput: processes against threads (steps/s)",
+            lambda: throughput(cases(), work),
         ),
-    ]
+        "memory": (
+            "Peak memory training on a .npy (rows stay on disk)",
+            lambda: memory(work, small_rows, steps(60)),
+        ),
+        "compile": ("torch.compile: cost and break-even", lambda: compile_cost(work, steps(300))),
+        "unets": (
+            "One training step: built-in UNet against diffusers' UNet2DModel",
+            lambda: unets(3 if args.quick else 30, 32),
+        ),
+    }
+    chosen = [args.only] if args.only else SECTIONS
+    tables = [(sections[name][0], sections[name][1]()) for name in chosen]
+    flags = f"{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}"
     head = (
-        f"Measured {datetime.date.today()} with `python bench/scale.py"
-        f"{' --quick' if args.quick else ''}` on {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}; wall-clock times, so it was run alone."
+        f"Measured {datetime.date.today()} with `python bench/scale.py{flags}` on "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}; wall-clock times, so it was "
+        "run alone."
     )
-    body = "\n\n".join(
-        [head, *(f"**{title}**\n\n" + "\n".join(lines) for title, lines in sections)]
-    )
+    body = "\n\n".join([head, *(f"**{title}**\n\n" + "\n".join(lines) for title, lines in tables)])
     print(body)
-    if not args.no_write:
+    if not (args.no_write or args.only):  # the section holds every table, not one
         write_section("scale", "Scaling out: processes, memory, compile, UNet backbones", body)
 
 

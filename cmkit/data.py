@@ -138,14 +138,16 @@ def is_npy(spec: str) -> bool:
     return path.is_file() and path.suffix.lower() == ".npy"
 
 
-def map_npy(spec: str, layout: str | None = None) -> np.ndarray:
-    """The array of a .npy file memory-mapped, (N, D) or (N, C, H, W) as `layout` says or as
-    detected (a channels-last file becomes a transposed view, not a copy), in the file's
-    dtype; its header is checked (numeric, non-empty, 2-D or 4-D), its values are not."""
+def map_npy(spec: str, layout: str | None = None) -> tuple[np.memmap, bool]:
+    """The array of a .npy file memory-mapped as stored, in the file's dtype, and whether it
+    holds (N, H, W, C) images (as `layout` says or as detected); its header is checked
+    (numeric, non-empty, 2-D or 4-D, no more data than the file holds), its values are not.
+    cmkit.mapped takes the map's offset and shape and reads rows without it (see there)."""
     _check_array_options(spec, None, layout, True, False)
-    x = _laid_out(read_array(Path(spec).expanduser()), spec, layout)
+    x = read_array(Path(spec).expanduser())
+    channels_last = _stored_channels_last(x.shape, spec, layout)
     _check_kind(x, spec)
-    return x
+    return x, channels_last
 
 
 def is_idx(path: Path) -> bool:
@@ -275,27 +277,33 @@ _NOTICED: set[str] = set()  # sources whose layout notice was printed (once per 
 
 def _laid_out(x: np.ndarray, source: str, layout: str | None) -> np.ndarray:
     """(N, C, H, W) images from an array the user laid out as `layout`, or as detected."""
-    if layout is not None and x.ndim != 4:
-        raise UserError(f"{source}: --layout {layout} needs 4-D images; the array is {x.shape}")
-    if layout == "nhwc":
-        return x.transpose(0, 3, 1, 2)
-    return _channels_first(x, source) if layout is None else x
+    return x.transpose(0, 3, 1, 2) if _stored_channels_last(x.shape, source, layout) else x
 
 
-def _channels_first(x: np.ndarray, source: str) -> np.ndarray:
-    """A channels-last image array viewed as (N, C, H, W), saying so once on stderr."""
-    if not is_channels_last(x.shape):
-        return x
-    n, h, w, c = x.shape
-    if source not in _NOTICED:
-        _NOTICED.add(source)
-        print(
-            f"cmkit: {source}: read the {x.shape} array as {n} channels-last images of "
-            f"{h}x{w} with {c} channel(s), stored as ({n}, {c}, {h}, {w}) (--layout nchw if "
-            "not)",
-            file=sys.stderr,
-        )
-    return x.transpose(0, 3, 1, 2)
+def _stored_channels_last(shape: tuple[int, ...], source: str, layout: str | None) -> bool:
+    """Whether an array of `shape` holds (N, H, W, C) images: as `layout` says, else as
+    detected by is_channels_last (and said once on stderr)."""
+    if layout is not None and len(shape) != 4:
+        raise UserError(f"{source}: --layout {layout} needs 4-D images; the array is {shape}")
+    if layout is not None:
+        return layout == "nhwc"
+    if not is_channels_last(shape):
+        return False
+    _notice_channels_last(shape, source)
+    return True
+
+
+def _notice_channels_last(shape: tuple[int, ...], source: str) -> None:
+    """Say once per source on stderr that its images were detected as channels-last."""
+    if source in _NOTICED:
+        return
+    _NOTICED.add(source)
+    n, h, w, c = shape
+    print(
+        f"cmkit: {source}: read the {shape} array as {n} channels-last images of "
+        f"{h}x{w} with {c} channel(s), stored as ({n}, {c}, {h}, {w}) (--layout nchw if not)",
+        file=sys.stderr,
+    )
 
 
 def image_folder_files(folder: Path) -> tuple[list[Path], list[int], list[str]]:

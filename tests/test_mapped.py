@@ -2,6 +2,8 @@
 bit, the held-out split is by index, the scaler comes from a seeded sample, and a bad value
 in the sample is refused in one line."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -30,7 +32,7 @@ def test_rows_read_from_disk_are_the_in_memory_rows(tmp_path, array):
     path = tmp_path / "x.npy"
     np.save(path, array)
     rows, section = load_training_data(str(path), 0.1, 0.5)
-    assert isinstance(rows, mapped.MappedRows) and isinstance(rows.raw, np.memmap)
+    assert isinstance(rows, mapped.MappedRows) and isinstance(rows.file, mapped.NpyRows)
     assert section.shape == tuple(rows.rows(torch.tensor([0])).x0.shape[1:])
     whole = _in_memory_rows(path, section.scaler)
     assert len(rows) == len(whole)
@@ -39,6 +41,66 @@ def test_rows_read_from_disk_are_the_in_memory_rows(tmp_path, array):
     assert batch.is_contiguous() and torch.equal(batch, whole[idx])
     # the sample was every training row: the scaler is the whole split's
     assert section.scaler == Scaler.fit(split_holdout(load_data(str(path)), 0.1)[0], 0.5)
+
+
+_RNG = np.random.default_rng(4)
+_IMAGES = _RNG.integers(0, 256, size=(50, 3, 5, 4), dtype=np.uint8)
+_HWC = _RNG.integers(0, 256, size=(50, 6, 5, 3), dtype=np.uint8)
+_VECTORS = _RNG.normal(size=(50, 7))
+
+
+@pytest.mark.parametrize(
+    ("array", "layout", "nhwc"),
+    [
+        (_IMAGES, None, False),
+        (_VECTORS.astype(np.float32), None, False),
+        (_VECTORS, None, False),
+        (_VECTORS.astype(">f4"), None, False),
+        (_HWC, None, True),
+        (_HWC.astype(np.float32).transpose(0, 2, 3, 1), "nhwc", True),  # (50, 5, 3, 6): said
+        (np.asfortranarray(_VECTORS), None, False),
+        (np.asfortranarray(_HWC), None, True),
+    ],
+    ids=["uint8", "float32", "float64", "big-endian", "nhwc", "--layout nhwc", "F", "F nhwc"],
+)
+def test_rows_read_from_the_file_are_those_of_np_load(tmp_path, array, layout, nhwc):
+    """Unsorted, repeated and consecutive rows come back in the order asked, laid out
+    (N, C, H, W) and C-contiguous in the file's dtype; Fortran order reads through the map."""
+    path = tmp_path / "x.npy"
+    np.save(path, array)
+    file = mapped.open_rows(str(path), layout)
+    assert isinstance(file, mapped.FortranRows if np.isfortran(array) else mapped.NpyRows)
+    rows = np.array([7, 3, 4, 5, 49, 0, 3, 6, 8])
+    expected = np.load(path)[rows]
+    expected = expected.transpose(0, 3, 1, 2) if nhwc else expected
+    x = file.read(rows)
+    assert x.flags.c_contiguous and x.dtype == array.dtype and x.shape == expected.shape
+    np.testing.assert_array_equal(x, expected)
+    assert file.shape == (50, *expected.shape[1:])
+
+
+def test_a_file_cut_short_while_training_is_named_in_one_line(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, _VECTORS)
+    file = mapped.open_rows(str(path), None)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 8)
+    np.testing.assert_array_equal(file.read(np.array([48, 0])), _VECTORS[[48, 0]])
+    with pytest.raises(UserError, match=r"x\.npy ended before its last row"):
+        file.read(np.array([3, 49]))
+
+
+def test_training_rows_leave_the_file_unmapped(tmp_path):
+    """Batches and the sample are read, not mapped: no page of the file joins the process's
+    resident set (Linux lists every mapping of the process in /proc/self/maps)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps")
+    path = tmp_path / "x.npy"
+    np.save(path, _IMAGES)
+    rows, _ = load_training_data(str(path), 0.1, 0.5)
+    rows.rows(torch.tensor([1, 2, 3, 0]))
+    assert str(path) not in maps.read_text()
 
 
 def test_a_large_file_is_scaled_from_a_seeded_sample(tmp_path, monkeypatch):

@@ -136,7 +136,7 @@ def load_training_data(
 
     if datalib.is_npy(spec):  # its rows stay on disk, read a batch at a time
         rows = map_training_rows(spec, holdout, sigma_data, layout)
-        return rows, section(rows.raw, rows.scaler, labels_of(rows.raw))
+        return rows, section(rows.file, rows.scaler, labels_of(rows.file))
     x = datalib.load_data(spec, key, layout)
     found = labels_of(x)
     scaler = datalib.Scaler.fit(datalib.split_holdout(x, holdout)[0], sigma_data)
