@@ -25,6 +25,7 @@ from cmkit.distributed import joined
 from cmkit.engine import PRECISIONS
 from cmkit.errors import OptionError
 from cmkit.jvp import JVP_METHODS
+from cmkit.lora import DEFAULT_RANK
 from cmkit.losses import DISTANCES, SCM_TIMES
 from cmkit.networks.zoo import BACKBONES
 from cmkit.process import PROCESSES, EDMProcess, make_process
@@ -272,6 +273,15 @@ def add_distill(sub) -> None:
         help="labelled teacher: distil its classifier-free-guided ODE at scale W, or over "
         "W_MIN:W_MAX with w as the student's input (one student for every w)",
     )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        nargs="?",
+        const=DEFAULT_RANK,
+        help=f"cd: LCM-LoRA, train only rank-R LoRA adapters on the teacher's own network "
+        f"(R default {DEFAULT_RANK}; μ = 0; pip install 'cmkit[lora]')",
+    )
+    p.add_argument("--lora-alpha", type=float, help="cd: LoRA α, the update is (α/R)·B·A (α = R)")
     _add_scm_flags(p, times=True)
 
 
