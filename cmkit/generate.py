@@ -52,10 +52,17 @@ class Model:
         return self.config.data.shape
 
 
-def load_model(run_dir: str, device: str = "cpu", which: str = "ema") -> Model:
+def load_model(
+    run_dir: str,
+    device: str = "cpu",
+    which: str = "ema",
+    base: str | None = None,
+    force: bool = False,
+) -> Model:
     """A run's network wrapped for sampling; a labelled teacher's denoiser is guided by the
-    `guidance` conditioning (cmkit.guidance)."""
-    config, net = load_network(run_dir, which)
+    `guidance` conditioning (cmkit.guidance). `base`, `force`: a LoRA run's adapter on
+    another teacher run (runs.load_network)."""
+    config, net = load_network(run_dir, which, base, force)
     wrap = config.process.denoiser if config.kind == "teacher" else config.process.consistency
     fn = wrap(net.to(device))
     if config.kind == "teacher" and config.data.classes is not None:

@@ -3,7 +3,8 @@
 A run directory holds everything needed to rebuild the model and its sampler without
 unpickling code:
   config.json           what was trained, on what data (and its scaling), with which options
-  online/target/ema.safetensors   the plain network's weights
+  online/target/ema.safetensors   the plain network's weights (a LoRA run's: the adapter's)
+  adapter.safetensors   a LoRA run's final EMA adapter, with its base run's sha256 (cmkit.lora)
   aux.safetensors       the loss's own trained weights, where it has some (sCM's w_φ)
   trainer.safetensors   optimiser tensors and RNG states (CPU, and the training device's), for
                         --resume
@@ -243,9 +244,19 @@ def load_weights(module: nn.Module, path: Path) -> None:
         raise UserError(f"cannot load {path}: {str(err).splitlines()[0]}") from None
 
 
-def load_network(run_dir: str | Path, which: str = "ema") -> tuple[RunConfig, nn.Module]:
-    """The run's config and its plain network with the `which` weights (online, ema, target)."""
+def load_network(
+    run_dir: str | Path, which: str = "ema", base: str | None = None, force: bool = False
+) -> tuple[RunConfig, nn.Module]:
+    """The run's config and its plain network with the `which` weights (online, ema, target).
+
+    A LoRA run's adapter goes on its base run's network, or with `base` on that teacher run's
+    (of the same network); `force` takes a base whose weights are not those it was trained on
+    (cmkit.lora.on_base)."""
     config = load_config(run_dir)
+    if base is not None or force:
+        from cmkit.lora import on_base
+
+        config.network = on_base(config.network, base, force)
     net = build_network(config.network)
     load_weights(net, Path(run_dir) / f"{which}.safetensors")
     return config, net.eval()

@@ -78,9 +78,11 @@ class TrainState:
 
 
 def trainable_parameters(online: nn.Module, aux: nn.Module | None) -> list[nn.Parameter]:
-    """The model's parameters, then the loss's own (aux), in the optimiser's order."""
+    """The model's parameters that train, then the loss's own (aux), in the optimiser's order
+    (frozen ones, a LoRA run's base, are left out of the optimiser and the gradient clip)."""
     modules = (online, aux)
-    return [p for module in modules if module is not None for p in module.parameters()]
+    params = (p for module in modules if module is not None for p in module.parameters())
+    return [p for p in params if p.requires_grad]
 
 
 @torch.no_grad()

@@ -92,3 +92,15 @@ def test_lcm_recipe_on_an_imported_ddpm_teacher_uses_its_timesteps(tmp_path):
     shutil.rmtree(out)
     refused = ["distill", "--recipe", "lcm", "--teacher", teacher, "--num-scales", "600"]
     assert run_cli(*refused, "--out", out, *tiny) == 2
+
+
+def test_lcm_lora_targets_the_online_network(moons_runs, tmp_path):
+    """LCM-LoRA's μ = 0 is lcm's default with --lora-rank; LCM's own 0.95 without."""
+    pytest.importorskip("peft", reason="peft not installed: pip install 'cmkit[lora]'")
+    out = tmp_path / "lcm-lora"
+    teacher = moons_runs / "teacher"
+    args = ["distill", "--recipe", "lcm", "--teacher", teacher, "--lora-rank", "2"]
+    assert run_cli(*args, "--out", out, *TINY) == 0
+    options = json.loads((out / "config.json").read_text())["training"]["options"]
+    assert options["mu"] == 0.0 and options["lora_rank"] == 2
+    assert (out / "adapter.safetensors").is_file()

@@ -16,6 +16,14 @@ def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a run (.npy, or .png grid/scatter)")
     p.add_argument("--config", help="TOML or JSON file of options")
     p.add_argument("--model", help="run directory")
+    p.add_argument(
+        "--base",
+        help="LoRA runs: apply the adapter to this teacher run of the same network (default: "
+        "the run it was trained on)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="LoRA runs: take a base run it was not trained on"
+    )
     p.add_argument("--n", type=int, help="number of samples (default 64; with --noise: its n)")
     p.add_argument("--out", help="FILE.npy (user's units) or FILE.png")
     p.add_argument(
@@ -102,7 +110,7 @@ def sample(args: argparse.Namespace) -> None:
     n = args.n
     if n is None:
         n = noise.shape[1] if noise is not None and noise.ndim > 1 else 64
-    model = load_model(args.model, check_device(args.device))
+    model = load_model(args.model, check_device(args.device), base=args.base, force=args.force)
     x = generate(
         model,
         n,

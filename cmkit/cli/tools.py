@@ -1,5 +1,5 @@
-"""`cmkit edit`, `quickstart`, `export`, `export-diffusers`, `import-diffusers` and
-`import-teacher`."""
+"""`cmkit edit`, `quickstart`, `export`, `export-diffusers`, `import-diffusers`,
+`import-teacher` and `merge-lora`."""
 
 import argparse
 from pathlib import Path
@@ -194,6 +194,26 @@ def import_teacher(args: argparse.Namespace) -> Path:
     )
 
 
+def add_merge_lora(sub) -> None:
+    p = sub.add_parser(
+        "merge-lora", help="fold a LoRA run's adapter into its base: a plain consistency run"
+    )
+    p.add_argument("--config", help="TOML or JSON file of options")
+    p.add_argument("--model", help="LoRA run directory (distill --lora-rank)")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument(
+        "--base", help="merge into this teacher run of the same network (default: its own base)"
+    )
+    p.add_argument("--force", action="store_true", help="take a base it was not trained on")
+
+
+def merge_lora(args: argparse.Namespace) -> Path:
+    from cmkit.lora import merge_run
+
+    require(args, "model", "out")
+    return merge_run(args.model, args.out, args.base, args.force)
+
+
 COMMANDS = {
     "edit": (add_edit, edit),
     "quickstart": (add_quickstart, quickstart),
@@ -201,4 +221,5 @@ COMMANDS = {
     "export-diffusers": (add_export_diffusers, export_diffusers),
     "import-diffusers": (add_import_diffusers, import_diffusers),
     "import-teacher": (add_import_teacher, import_teacher),
+    "merge-lora": (add_merge_lora, merge_lora),
 }

@@ -25,6 +25,7 @@ from cmkit.distributed import joined
 from cmkit.engine import PRECISIONS
 from cmkit.errors import OptionError
 from cmkit.jvp import JVP_METHODS
+from cmkit.lora import DEFAULT_RANK
 from cmkit.losses import DISTANCES, SCM_TIMES
 from cmkit.networks.zoo import BACKBONES
 from cmkit.process import PROCESSES, EDMProcess, make_process
@@ -32,6 +33,7 @@ from cmkit.recipes.cd import SPACINGS
 from cmkit.recipes.ct import MU_VARIANTS
 from cmkit.recipes.ect import ECT_TIMES, ECT_WEIGHTINGS
 from cmkit.recipes.ict import PAIRS, WEIGHTINGS
+from cmkit.recipes.lcm import LCM_MU
 from cmkit.recipes.teacher import P_UNCOND
 from cmkit.solvers import SOLVERS
 from cmkit.train import ON_NONFINITE
@@ -271,7 +273,9 @@ def add_distill(sub) -> None:
         help=f"N, points of the σ grid (cd {d.num_scales}, lcm {lcm.num_scales})",
     )
     p.add_argument("--distance", choices=DISTANCES, help=f"default {d.distance}")
-    p.add_argument("--mu", type=float, help=f"target EMA rate μ (cd {d.mu}, lcm {lcm.mu})")
+    p.add_argument(
+        "--mu", type=float, help=f"target EMA rate μ (cd {d.mu}, lcm {LCM_MU}; 0 with --lora-rank)"
+    )
     p.add_argument(
         "--spacing",
         choices=SPACINGS,
@@ -287,6 +291,15 @@ def add_distill(sub) -> None:
         help="labelled teacher: distil its classifier-free-guided ODE at scale W, or over "
         "W_MIN:W_MAX with w as the student's input (one student for every w)",
     )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        nargs="?",
+        const=DEFAULT_RANK,
+        help=f"cd: LCM-LoRA, train only rank-R LoRA adapters on the teacher's own network "
+        f"(R default {DEFAULT_RANK}; μ = 0; pip install 'cmkit[lora]')",
+    )
+    p.add_argument("--lora-alpha", type=float, help="cd: LoRA α, the update is (α/R)·B·A (α = R)")
     _add_scm_flags(p, times=True)
 
 

@@ -15,12 +15,13 @@ from cmkit.networks.mlp import MLP
 from cmkit.networks.unet import UNet
 
 BACKBONES = ("builtin", "diffusers-unet")
-NETWORK_TYPES = ("mlp", "unet", "diffusers-unet", "diffusers-vp")
+NETWORK_TYPES = ("mlp", "unet", "diffusers-unet", "diffusers-vp", "lora")
 DIFFUSERS_TYPES = ("diffusers-unet", "diffusers-vp")  # each wraps a UNet2DModel
 
 
 def build_network(spec: NetworkSpec) -> nn.Module:
-    """Rebuild a plain network from its spec (type mlp, unet, diffusers-unet or diffusers-vp)."""
+    """Rebuild a plain network from its spec (type mlp, unet, diffusers-unet or diffusers-vp;
+    lora: a base run's network with adapters, see cmkit.lora)."""
     kwargs = dict(spec.kwargs)
     if spec.type == "mlp":
         return MLP(**kwargs)
@@ -32,6 +33,10 @@ def build_network(spec: NetworkSpec) -> nn.Module:
         return DiffusersUNet(**kwargs)
     if spec.type == "diffusers-vp":
         return DiffusersVP(**kwargs)
+    if spec.type == "lora":
+        from cmkit.lora import build_lora  # it reads runs, which build networks with this
+
+        return build_lora(spec)
     raise UserError(
         f"unknown network type {spec.type!r}; expected {', '.join(map(repr, NETWORK_TYPES))}"
     )

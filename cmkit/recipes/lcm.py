@@ -17,6 +17,7 @@ What LCM's choices are on cmkit's σ axis:
   and keeps the skip connection at low noise (c_skip ≈ 0.96 at σ = 0.1). Both give
   f(x, σ_0) = x exactly; cmkit keeps its own so every recipe shares one boundary.
 - **Target.** θ⁻ ← μθ⁻ + (1 − μ)θ with μ = 0.95; the loss is l2 (diffusers' default).
+  LCM-LoRA (`--lora-rank`) uses μ = 0: the target is the online network itself.
 """
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cmkit.recipes.common import RunOptions
 from cmkit.runs import load_config
 
 LCM_SCALES = 51  # 50 DDIM steps of a 1000-step table (k = 20), and the boundary point
+LCM_MU = 0.95
 
 
 @dataclass
@@ -35,13 +37,15 @@ class LCMOptions(CDOptions):
     recipe: ClassVar[str] = "lcm"
     solver: str = "euler"
     num_scales: int = LCM_SCALES
-    mu: float = 0.95
+    mu: float | None = None  # None: 0.95, or 0 for LCM-LoRA
     # None: "timesteps" for a DDPM teacher (its own table), else the process's grid
     spacing: str | None = None
 
 
 def lcm_run(run: RunOptions, opts: LCMOptions) -> Path:
-    """CD with LCM's defaults; the spacing the run used is recorded, not None."""
+    """CD with LCM's defaults; the μ and spacing the run used are recorded, not None."""
+    if opts.mu is None:
+        opts.mu = LCM_MU if opts.lora_rank is None else 0.0
     if opts.spacing is None:
         imported = load_config(opts.teacher, "teacher").network.type == "diffusers-vp"
         opts.spacing = "timesteps" if imported else "process"
