@@ -14,6 +14,7 @@ from cmkit.config import RunConfig
 from cmkit.data import Scaler
 from cmkit.errors import OptionError
 from cmkit.guidance import GuidedDenoiser
+from cmkit.latent import Codec, load_codec
 from cmkit.networks.zoo import NO_NULL_LABEL, has_null_label
 from cmkit.process import Process
 from cmkit.runs import load_network
@@ -23,10 +24,12 @@ from cmkit.solvers import DEFAULT_GRID_POINTS, DEFAULT_SOLVER
 
 @dataclass
 class Model:
-    """A run ready to sample: the wrapped network (denoiser or consistency function) and context."""
+    """A run ready to sample: the wrapped network (denoiser or consistency function) and
+    context; a latent run's codec (cmkit.latent) decodes what the network makes."""
 
     config: RunConfig
     fn: nn.Module
+    codec: Codec | None = None
 
     @property
     def process(self) -> Process:
@@ -42,18 +45,29 @@ class Model:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """What the network makes and its noise is: a latent run's latents."""
         return self.config.data.shape
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """What generate returns: a latent run's decoded images."""
+        return self.config.data.sample_shape
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's output in model units of the data: latents decoded, else x."""
+        return x if self.codec is None else self.codec.decode(x)
 
 
 def load_model(run_dir: str, device: str = "cpu", which: str = "ema") -> Model:
     """A run's network wrapped for sampling; a labelled teacher's denoiser is guided by the
-    `guidance` conditioning (cmkit.guidance)."""
+    `guidance` conditioning (cmkit.guidance); a latent run's autoencoder, checked unchanged."""
     config, net = load_network(run_dir, which)
     wrap = config.process.denoiser if config.kind == "teacher" else config.process.consistency
     fn = wrap(net.to(device))
     if config.kind == "teacher" and config.data.classes is not None:
         fn = GuidedDenoiser(fn, len(config.data.classes))
-    return Model(config, fn)
+    latent = config.data.latent
+    return Model(config, fn, None if latent is None else load_codec(latent).to(device))
 
 
 def conditioning(
@@ -144,7 +158,8 @@ def generate(
     cond: Cond = NO_COND,
     noise: np.ndarray | None = None,
 ) -> np.ndarray:
-    """n samples in the user's units, float32; the same seed gives the same samples.
+    """n samples in the user's units, float32; the same seed gives the same samples (a
+    latent run's decoded images, of model.sample_shape).
 
     Teacher runs integrate the PF-ODE (Euler/Heun, `steps` grid points). Consistency runs use
     one step, the multistep sampler over `times`, or with `ode` the ODE v = (x − f)/t
@@ -187,7 +202,7 @@ def generate(
             x = sample_ode(model.fn, model.process, zc, k, solver, cc)
         else:
             x = sample_multistep(f, model.process, zc, taus, ec, cc)
-        out.append(x.cpu())
+        out.append(model.decode(x).cpu())
     return model.scaler.to_raw(torch.cat(out).numpy()).astype(np.float32)
 
 
