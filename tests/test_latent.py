@@ -145,6 +145,14 @@ def test_scaled_latents_have_std_sigma_data_and_keep_labels(untrained):
     assert run_data(section).cond["labels"].equal(labelled.cond["labels"])
 
 
+def test_arrays_read_from_disk_encode_as_loaded_ones(untrained, tmp_path):
+    np.save(tmp_path / "digits.npy", datalib.load_data("digits"))
+    src = Source("builtin", untrained.resolve())
+    on_disk, section = load_training_data(str(tmp_path / "digits.npy"), 0.1, 0.5, autoencoder=src)
+    loaded, _ = load_training_data("digits", 0.1, 0.5, autoencoder=src)
+    assert on_disk.x0.equal(loaded.x0) and run_data(section).x0.equal(loaded.x0)
+
+
 def latent_teacher(root: Path, ae: Path, steps: int = 2) -> Path:
     out = root / "teacher"
     args = ["--steps", steps, *QUICK]
@@ -159,6 +167,14 @@ def test_config_records_the_autoencoder(untrained, tmp_path):
     assert set(saved["latent"]) == {"kind", "path", "sha256", "scaling_factor", "image_shape"}
     config = load_config(teacher)
     assert RunConfig.from_dict(config.to_dict()) == config
+    resume = ["--steps", 4, "--resume", *QUICK]
+    assert (
+        run_cli(
+            "train-teacher", "--data", "digits", "--latent", untrained, "--out", teacher, *resume
+        )
+        == 0
+    )
+    assert load_config(teacher).data.latent == config.data.latent
 
 
 def test_changed_autoencoder_is_refused(untrained, tmp_path, capsys):

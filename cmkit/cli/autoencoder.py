@@ -31,7 +31,11 @@ def add_train_autoencoder(sub) -> None:
         type=int,
         help="image side / latent side, a power of 2 (default 2 up to 16 px, 4 up to 64, 8)",
     )
-    p.add_argument("--channels", type=int, help="width of the full-size level (default 32 or 16)")
+    p.add_argument(
+        "--channels",
+        type=int,
+        help="width at full size; every halved level has twice as many (default 16)",
+    )
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps ({d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate ({d.lr:g})")
