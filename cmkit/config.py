@@ -23,6 +23,7 @@ from cmkit.process import Process, process_from_dict
 
 FORMAT = 2
 KINDS = ("teacher", "consistency")
+LATENT_KINDS = ("builtin", "diffusers")  # cmkit train-autoencoder's, diffusers' AutoencoderKL
 LOOP_KEYS = ("steps", "batch_size", "lr", "ema_rate", "seed")
 FORMAT_1_GRAD_CLIP = 1.0  # format 1 runs were all clipped at 1.0
 
@@ -183,6 +184,8 @@ def _classes(names) -> tuple[str, ...] | None:
 def _latent(entry) -> LatentSection | None:
     if entry is None:
         return None
+    if entry["kind"] not in LATENT_KINDS:
+        raise ValueError(f"latent kind {entry['kind']!r} is not one of {LATENT_KINDS}")
     return LatentSection(
         str(entry["kind"]),
         str(entry["path"]),
