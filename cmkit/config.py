@@ -5,7 +5,8 @@ This module owns config.json: it is written by `RunConfig.to_dict()` and read by
   kind       "teacher" (a denoiser) or "consistency" (a consistency function)
   process    the noise process (cmkit.process), rebuilt by its one factory
   network    the plain network's type and keyword arguments (cmkit.networks.zoo)
-  data       the data spec, held-out fraction, sample shape and scaling
+  data       the data spec, held-out fraction, sample shape and scaling; for a latent run
+             also the autoencoder (`latent`), and `shape` is then the latents' shape
   training   the recipe, the loop's settings and the recipe's own options
   sampling   the teacher's solver and grid, tuned times, the final training N, diffusers flags
 
@@ -22,6 +23,7 @@ from cmkit.process import Process, process_from_dict
 
 FORMAT = 2
 KINDS = ("teacher", "consistency")
+LATENT_KINDS = ("builtin", "diffusers")  # cmkit train-autoencoder's, diffusers' AutoencoderKL
 LOOP_KEYS = ("steps", "batch_size", "lr", "ema_rate", "seed")
 FORMAT_1_GRAD_CLIP = 1.0  # format 1 runs were all clipped at 1.0
 
@@ -35,8 +37,26 @@ class NetworkSpec:
 
 
 @dataclass
+class LatentSection:
+    """The autoencoder a latent run trains in (cmkit.latent): images are encoded to the
+    posterior mean z and the network sees z·scaling_factor; sampling decodes back.
+
+    kind "builtin" (a folder of cmkit train-autoencoder) or "diffusers" (an AutoencoderKL
+    folder); sha256 of its weights file, so a changed autoencoder is refused, not used."""
+
+    kind: str
+    path: str  # the folder, absolute
+    sha256: str
+    scaling_factor: float  # σ_data / std of the encoded training latents
+    image_shape: tuple[int, ...]  # (C, H, W) of the images, what sampling returns
+
+
+@dataclass
 class DataSection:
-    """Where the data came from, which part was held out, and its map to model units."""
+    """Where the data came from, which part was held out, and its map to model units.
+
+    `scaler` maps the user's data to model units (images to [−1, 1]); `shape` is what the
+    network sees: the samples' shape, or for a latent run the latents' (`latent`)."""
 
     spec: str
     holdout: float
@@ -46,6 +66,12 @@ class DataSection:
     layout: str | None = None  # "nchw" or "nhwc" as the user said (None: detected)
     classes: tuple[str, ...] | None = None  # class names of a labelled run (None: unlabelled)
     label_key: str | None = None  # the .npz label array the user named (None: found by name)
+    latent: LatentSection | None = None  # the autoencoder of a latent run (None: pixels)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of a sample in the user's units: the images of a latent run."""
+        return self.shape if self.latent is None else self.latent.image_shape
 
 
 @dataclass
@@ -91,16 +117,19 @@ class RunConfig:
     sampling: SamplingSection = field(default_factory=SamplingSection)
 
     def to_dict(self) -> dict:
-        """The JSON form written as config.json."""
+        """The JSON form written as config.json (a pixel run's data has no `latent` key)."""
         training = asdict(self.training)
         sampling = {k: v for k, v in asdict(self.sampling).items() if v not in (None, {}, False)}
+        data = {k: v for k, v in asdict(self.data).items() if k != "latent" or v is not None}
+        if self.data.latent is not None:
+            data["latent"]["image_shape"] = list(self.data.latent.image_shape)
         return {
             "format": FORMAT,
             "kind": self.kind,
             "process": self.process.to_dict(),
             "network": asdict(self.network),
             "data": {
-                **asdict(self.data),
+                **data,
                 "shape": list(self.data.shape),
                 "scaler": self.data.scaler.to_dict(),
                 "classes": None if self.data.classes is None else list(self.data.classes),
@@ -137,6 +166,7 @@ class RunConfig:
                     data.get("layout"),
                     _classes(data.get("classes")),
                     data.get("label_key"),
+                    _latent(data.get("latent")),
                 ),
                 training=TrainingSection(**d["training"]),
                 sampling=sampling,
@@ -149,6 +179,20 @@ class RunConfig:
 
 def _classes(names) -> tuple[str, ...] | None:
     return None if names is None else tuple(str(n) for n in names)
+
+
+def _latent(entry) -> LatentSection | None:
+    if entry is None:
+        return None
+    if entry["kind"] not in LATENT_KINDS:
+        raise ValueError(f"latent kind {entry['kind']!r} is not one of {LATENT_KINDS}")
+    return LatentSection(
+        str(entry["kind"]),
+        str(entry["path"]),
+        str(entry["sha256"]),
+        float(entry["scaling_factor"]),
+        tuple(int(n) for n in entry["image_shape"]),
+    )
 
 
 def _upgrade_format_1(d: dict, source: str) -> dict:

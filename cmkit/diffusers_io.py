@@ -37,6 +37,11 @@ def check_exportable(run_dir: str | Path, config: RunConfig) -> None:
             f"{run_dir} is a teacher run; export-diffusers takes consistency runs "
             "(the pipeline applies the consistency parameterisation)"
         )
+    if config.data.latent is not None:
+        raise UserError(
+            f"{run_dir} samples in a latent space; ConsistencyModelPipeline makes pixels "
+            "(it has no autoencoder to decode with)"
+        )
     if config.process.diffusers_scheduler() is None:
         raise UserError(
             f"{run_dir} uses the {config.process.name} process; "

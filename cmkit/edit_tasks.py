@@ -55,6 +55,12 @@ def run_task(
     `cond` is the conditioning of the outputs, passed to every network evaluation."""
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if model.codec is not None:
+        raise UserError(
+            f"{task} edits pixels, and this run samples in the latent space of "
+            f"{model.config.data.latent.path}, where masks and pixel operators do not apply; "
+            "edit works on pixel runs"
+        )
     if model.kind == "teacher" and task != "denoise":
         raise UserError(
             f"{task} needs a consistency run (from `cmkit distill` or `cmkit train`); "

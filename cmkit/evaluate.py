@@ -126,22 +126,24 @@ def _pixels(unit: np.ndarray) -> torch.Tensor:
 def make_scorer(
     model: Model, reference: np.ndarray, features: str | None = None, fd_inf: bool = False
 ) -> Scorer:
-    """A scorer for the model's data kind; the reference must have the model's sample shape.
-    fd_inf adds the FD∞ column for images (slower: eight FDs per sample set)."""
-    if tuple(reference.shape[1:]) != model.shape:
+    """A scorer for the model's data kind; the reference must have the model's sample shape
+    (a latent run's: its images). fd_inf adds the FD∞ column for images (slower: eight FDs
+    per sample set)."""
+    shape = model.sample_shape
+    if tuple(reference.shape[1:]) != shape:
         raise UserError(
             f"reference data has samples of shape {tuple(reference.shape[1:])}; "
-            f"the model makes {model.shape}"
+            f"the model makes {shape}"
         )
     if len(reference) < 10:
         raise UserError(f"reference data has {len(reference)} samples; expected at least 10")
     reference = subsample(reference, REFERENCE_POINTS)
-    images = len(model.shape) == 3
+    images = len(shape) == 3
     if features is not None and not images:
         raise OptionError("features", "applies to image data; vectors are scored directly")
     if fd_inf and not images:
         raise OptionError("fd_inf", "applies to image data; vectors have no Fréchet distance")
-    extractor = make_extractor(features, model.shape) if images else None
+    extractor = make_extractor(features, shape) if images else None
     return Scorer(reference, model.scaler, extractor, fd_inf)
 
 

@@ -91,6 +91,11 @@ def build_sampler(model: Model, steps: int | None, times: list[float] | None) ->
             "export takes consistency runs (one- and few-step samplers); this is a teacher "
             "run, whose sampler integrates an ODE: distill it first (cmkit distill)"
         )
+    if model.codec is not None:
+        raise UserError(
+            "export takes pixel runs; this run samples latents that its autoencoder "
+            f"({model.config.data.latent.path}) decodes, which the graph does not include"
+        )
     if model.config.network.type in DIFFUSERS_TYPES:
         raise UserError(
             "export takes runs of the built-in networks; diffusers' UNet2DModel branches on "

@@ -14,6 +14,7 @@ from cmkit.config import RunConfig
 from cmkit.data import Scaler
 from cmkit.errors import OptionError
 from cmkit.guidance import GuidedDenoiser
+from cmkit.latent import Codec, load_codec
 from cmkit.networks.zoo import NO_NULL_LABEL, has_null_label
 from cmkit.process import Process
 from cmkit.runs import load_network
@@ -30,10 +31,12 @@ from cmkit.solvers import DEFAULT_GRID_POINTS, DEFAULT_SOLVER
 
 @dataclass
 class Model:
-    """A run ready to sample: the wrapped network (denoiser or consistency function) and context."""
+    """A run ready to sample: the wrapped network (denoiser or consistency function) and
+    context; a latent run's codec (cmkit.latent) decodes what the network makes."""
 
     config: RunConfig
     fn: nn.Module
+    codec: Codec | None = None
 
     @property
     def process(self) -> Process:
@@ -49,7 +52,17 @@ class Model:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """What the network makes and its noise is: a latent run's latents."""
         return self.config.data.shape
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """What generate returns: a latent run's decoded images."""
+        return self.config.data.sample_shape
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's output in model units of the data: latents decoded, else x."""
+        return x if self.codec is None else self.codec.decode(x)
 
 
 def load_model(
@@ -60,14 +73,15 @@ def load_model(
     force: bool = False,
 ) -> Model:
     """A run's network wrapped for sampling; a labelled teacher's denoiser is guided by the
-    `guidance` conditioning (cmkit.guidance). `base`, `force`: a LoRA run's adapter on
-    another teacher run (runs.load_network)."""
+    `guidance` conditioning (cmkit.guidance); a latent run's autoencoder, checked unchanged.
+    `base`, `force`: a LoRA run's adapter on another teacher run (runs.load_network)."""
     config, net = load_network(run_dir, which, base, force)
     wrap = config.process.denoiser if config.kind == "teacher" else config.process.consistency
     fn = wrap(net.to(device))
     if config.kind == "teacher" and config.data.classes is not None:
         fn = GuidedDenoiser(fn, len(config.data.classes))
-    return Model(config, fn)
+    latent = config.data.latent
+    return Model(config, fn, None if latent is None else load_codec(latent).to(device))
 
 
 def conditioning(
@@ -172,7 +186,8 @@ def generate(
     cond: Cond = NO_COND,
     noise: np.ndarray | None = None,
 ) -> np.ndarray:
-    """n samples in the user's units, float32; the same seed gives the same samples.
+    """n samples in the user's units, float32; the same seed gives the same samples (a
+    latent run's decoded images, of model.sample_shape).
 
     Teacher runs integrate the PF-ODE (Euler/Heun, `steps` grid points). Consistency runs use
     one step, the multistep sampler over `times`, or with `ode` the ODE v = (x − f)/t
@@ -220,7 +235,7 @@ def generate(
             x = sample_multistep(f, model.process, zc, taus, ec, cc)
         else:
             x = sample_tcd(f, model.process, zc, taus, ec, gamma, cc)
-        out.append(x.cpu())
+        out.append(model.decode(x).cpu())
     return model.scaler.to_raw(torch.cat(out).numpy()).astype(np.float32)
 
 

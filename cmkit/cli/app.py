@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 from cmkit import distributed
-from cmkit.cli import sampling, tools, training
+from cmkit.cli import autoencoder, sampling, tools, training
 from cmkit.cli.options import Parser, check_numbers, config_defaults, flag
 from cmkit.errors import OptionError, UserError
 from cmkit.runs import save_json
 from cmkit.train import TrainingDiverged, TrainingInterrupted
 
-COMMANDS = {**training.COMMANDS, **sampling.COMMANDS, **tools.COMMANDS}
+COMMANDS = {**training.COMMANDS, **autoencoder.COMMANDS, **sampling.COMMANDS, **tools.COMMANDS}
 
 
 def build_parser() -> Parser:

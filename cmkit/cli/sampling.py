@@ -160,7 +160,7 @@ def _scoring(args: argparse.Namespace, reference, fd_inf: bool = False):
 
     require(args, "model")
     model = load_model(args.model, check_device(args.device))
-    n = args.n or (2000 if len(model.shape) == 3 else 5000)
+    n = args.n or (2000 if len(model.sample_shape) == 3 else 5000)
     if n < 10:
         raise UserError(f"--n must be >= 10, got {n}")
     return model, make_scorer(model, reference(model), args.features, fd_inf), n

@@ -82,6 +82,7 @@ def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--config", help="TOML or JSON file of options (same keys as the flags)")
     if data:
         add_data_flags(p, LABELS_HELP)
+        _add_latent_flags(p)
     p.add_argument("--out", help="run directory to create (or continue with --resume)")
     p.add_argument("--steps", type=int, help="optimiser steps (default depends on the data)")
     p.add_argument("--batch-size", type=int, help="batch size (default depends on the data)")
@@ -147,6 +148,22 @@ def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
     )
 
 
+def _add_latent_flags(p: argparse.ArgumentParser) -> None:
+    """--latent and --vae: train in an autoencoder's latent space (see cmkit.latent)."""
+    p.add_argument(
+        "--latent",
+        metavar="DIR",
+        help="train in the latent space of this autoencoder (from cmkit train-autoencoder); "
+        "sample, eval and tune-times decode back to images",
+    )
+    p.add_argument(
+        "--vae",
+        metavar="DIR",
+        help="the same with a diffusers AutoencoderKL folder (config.json and "
+        "diffusion_pytorch_model.safetensors; pickled weights are refused)",
+    )
+
+
 def _add_process(p: argparse.ArgumentParser, default: str = "edm") -> None:
     p.add_argument(
         "--process",
@@ -182,6 +199,8 @@ def _run_options(args: argparse.Namespace) -> recipes.RunOptions:
         layout=getattr(args, "layout", None),
         labels=getattr(args, "labels", False),
         label_key=getattr(args, "label_key", None),
+        latent=getattr(args, "latent", None),
+        vae=getattr(args, "vae", None),
         precision=args.precision,
         compile=args.compile,
     )

@@ -8,7 +8,7 @@ import copy
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cmkit import data as datalib
+from cmkit import latent as latentlib
 from cmkit.batch import Batch, Samples
 from cmkit.config import DataSection, NetworkSpec, RunConfig, SamplingSection, TrainingSection
 from cmkit.distributed import World
@@ -73,6 +74,8 @@ class RunOptions:
     layout: str | None = None  # "nchw" or "nhwc" of 4-D arrays (None: detected)
     labels: bool = False  # condition on the data's class labels (see cmkit.labels)
     label_key: str | None = None  # the labels' array in an .npz (None: found by name)
+    latent: str | None = None  # train in the latent space of this train-autoencoder folder
+    vae: str | None = None  # ... or of this diffusers AutoencoderKL folder (cmkit.latent)
     precision: str = "fp32"  # or "bf16": the network forwards under autocast
     compile: bool = False  # torch.compile the online network's training forward
     world: World = field(default_factory=World)  # the processes training together
@@ -117,10 +120,29 @@ def load_training_data(
     layout: str | None = None,
     labels: bool = False,
     label_key: str | None = None,
+    autoencoder: latentlib.Source | None = None,
 ) -> tuple[Samples, DataSection]:
     """Training split in model units (vectors scaled to std σ_data), with its class labels as
     the `labels` conditioning when asked for, and its config section (with the .npz keys and
-    layout the user gave, so every later read is the same)."""
+    layout the user gave, so every later read is the same). With an `autoencoder` the split
+    is encoded once into its latents (cmkit.latent), and the section records it."""
+    data, section = _training_pixels(spec, holdout, sigma_data, key, layout, labels, label_key)
+    if autoencoder is None:
+        return data, section
+    latents, entry = latentlib.fit(autoencoder, data, section.shape, sigma_data)
+    return latents, replace(section, shape=tuple(latents.x0.shape[1:]), latent=entry)
+
+
+def _training_pixels(
+    spec: str,
+    holdout: float,
+    sigma_data: float,
+    key: str | None,
+    layout: str | None,
+    labels: bool,
+    label_key: str | None,
+) -> tuple[Samples, DataSection]:
+    """load_training_data of the data itself: the samples in model units and their section."""
     if label_key is not None and not labels:
         raise OptionError("label_key", f"{label_key!r} names the labels of --labels; add --labels")
     path = Path(spec)
@@ -148,8 +170,12 @@ def run_data(
     section: DataSection, raw: np.ndarray | None = None, y: np.ndarray | None = None
 ) -> Samples:
     """The training split of a run's data section in model units, with its labels if it has
-    them (a student reads its teacher's data exactly as the teacher did). `raw` and `y`: the
-    data and its labels already loaded, so they are not read twice."""
+    them (a student reads its teacher's data exactly as the teacher did; a latent run's
+    images encoded again). `raw` and `y`: the data and its labels already loaded, so they are
+    not read twice."""
+    if section.latent is not None:
+        pixels = run_data(replace(section, latent=None), raw, y)
+        return latentlib.run_latents(section.latent, pixels)
     if datalib.is_npy(section.spec):
         return mapped_rows(section.spec, section.holdout, section.scaler, section.layout)
     raw = datalib.load_data(section.spec, section.key, section.layout) if raw is None else raw
@@ -166,9 +192,17 @@ def from_data(
     run: RunOptions, spec: str, process: Process
 ) -> tuple[Samples, DataSection, NetworkSpec, nn.Module]:
     """Seeded start of a run trained on data: training split, data section, network spec, net."""
+    autoencoder = latentlib.source(run.latent, run.vae)
     torch.manual_seed(run.seed)
     data, section = load_training_data(
-        spec, run.holdout, process.sigma_data, run.data_key, run.layout, run.labels, run.label_key
+        spec,
+        run.holdout,
+        process.sigma_data,
+        run.data_key,
+        run.layout,
+        run.labels,
+        run.label_key,
+        autoencoder,
     )
     net_spec = default_network(
         section.shape, run.network, run.backbone or "builtin", num_classes(section)
