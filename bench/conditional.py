@@ -69,7 +69,7 @@ class Judge:
         train, held = run_splits(model.config.data)
         y_train, y_held = run_labels(model.config.data, len(train) + len(held))
         self.scaler = model.scaler
-        self.classifier = load_digitsnet() if model.shape[-1] == 8 else load_mnistnet()
+        self.classifier = load_digitsnet() if model.sample_shape[-1] == 8 else load_mnistnet()
         self.overall = make_scorer(model, held)
         everything, y = np.concatenate([train, held]), np.concatenate([y_train, y_held])
         self.per_class = [make_scorer(model, everything[y == k]) for k in range(y.max() + 1)]
