@@ -67,6 +67,7 @@ class DataSection:
     classes: tuple[str, ...] | None = None  # class names of a labelled run (None: unlabelled)
     label_key: str | None = None  # the .npz label array the user named (None: found by name)
     latent: LatentSection | None = None  # the autoencoder of a latent run (None: pixels)
+    lazy: bool = False  # an image folder decoded a batch at a time (cmkit.folder)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -121,6 +122,8 @@ class RunConfig:
         training = asdict(self.training)
         sampling = {k: v for k, v in asdict(self.sampling).items() if v not in (None, {}, False)}
         data = {k: v for k, v in asdict(self.data).items() if k != "latent" or v is not None}
+        if not self.data.lazy:  # written only when set: the runs before it read in memory
+            del data["lazy"]
         if self.data.latent is not None:
             data["latent"]["image_shape"] = list(self.data.latent.image_shape)
         return {
@@ -167,6 +170,7 @@ class RunConfig:
                     _classes(data.get("classes")),
                     data.get("label_key"),
                     _latent(data.get("latent")),
+                    bool(data.get("lazy", False)),
                 ),
                 training=TrainingSection(**d["training"]),
                 sampling=sampling,

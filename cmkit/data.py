@@ -111,7 +111,7 @@ def load_data(spec: str, key: str | None = None, layout: str | None = None) -> n
     """
     path = Path(spec).expanduser()
     arrays = path.is_file() and path.suffix.lower() in (".npy", ".npz")
-    _check_array_options(spec, key, layout, arrays, path.suffix.lower() == ".npz")
+    check_array_options(spec, key, layout, arrays, path.suffix.lower() == ".npz")
     if arrays:
         x = _laid_out(_load_numpy(path, key), spec, layout)
         return validate(np.ascontiguousarray(x), spec)
@@ -143,7 +143,7 @@ def map_npy(spec: str, layout: str | None = None) -> tuple[np.memmap, bool]:
     holds (N, H, W, C) images (as `layout` says or as detected); its header is checked
     (numeric, non-empty, 2-D or 4-D, no more data than the file holds), its values are not.
     cmkit.mapped takes the map's offset and shape and reads rows without it (see there)."""
-    _check_array_options(spec, None, layout, True, False)
+    check_array_options(spec, None, layout, True, False)
     x = read_array(Path(spec).expanduser())
     channels_last = _stored_channels_last(x.shape, spec, layout)
     _check_kind(x, spec)
@@ -200,7 +200,7 @@ def _load_idx_images(path: Path) -> np.ndarray:
 LAYOUTS = ("nchw", "nhwc")
 
 
-def _check_array_options(
+def check_array_options(
     spec: str, key: str | None, layout: str | None, arrays: bool, npz: bool
 ) -> None:
     """--data-key names an .npz member and --layout an array's axes: one line elsewhere."""

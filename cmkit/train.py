@@ -107,11 +107,18 @@ def weights_finite(state: TrainState) -> bool:
     )
 
 
-def draw_batch(data: Samples, batch_size: int, generator: torch.Generator, world: World) -> Batch:
+def draw_batch(
+    data: Samples, batch_size: int, generator: torch.Generator, world: World, step: int = 0
+) -> Batch:
     """This process's rows of a global batch drawn with replacement from the CPU generator,
-    which keeps runs reproducible; every process draws all of its indices."""
-    idx = torch.randint(0, len(data), (batch_size,), generator=generator)
+    which keeps runs reproducible; every process draws all of its indices. A source that
+    prefetches (cmkit.folder.FolderRows) draws step `step`'s rows from its own stream of the
+    run's seed instead, since the generator cannot tell the next step's rows ahead."""
     shard = world.shard(batch_size)
+    batch_at = getattr(data, "batch_at", None)
+    if batch_at is not None:
+        return batch_at(generator.initial_seed(), step, batch_size, shard)
+    idx = torch.randint(0, len(data), (batch_size,), generator=generator)
     return data.rows(idx[shard.rows], shard)
 
 
@@ -272,7 +279,8 @@ def train(
     norms: list[float] = []  # gradient norms since the last log entry, for the progress bar
     with bar, stop_on_signals() as stop:
         while state.step < steps:
-            batch = draw_batch(data, batch_size, state.generator, world).to(device)
+            batch = draw_batch(data, batch_size, state.generator, world, state.step)
+            batch = batch.to(device)
             loss, norm = backward(state, loss_fn, batch, grad_clip, engine)
             due_by_time = clock() - last_saved >= checkpoint_seconds
             agreed = agree(world, loss, stop.received, due_by_time)

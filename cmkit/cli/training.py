@@ -83,6 +83,13 @@ def _add_run_options(p: argparse.ArgumentParser, data: bool = True) -> None:
     if data:
         add_data_flags(p, LABELS_HELP)
         _add_latent_flags(p)
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=0,
+            help="decode an image folder lazily, a batch at a time, in this many processes "
+            "(default 0: read it whole into memory); its rows come from a stream of their own",
+        )
     p.add_argument("--out", help="run directory to create (or continue with --resume)")
     p.add_argument("--steps", type=int, help="optimiser steps (default depends on the data)")
     p.add_argument("--batch-size", type=int, help="batch size (default depends on the data)")
@@ -201,6 +208,7 @@ def _run_options(args: argparse.Namespace) -> recipes.RunOptions:
         label_key=getattr(args, "label_key", None),
         latent=getattr(args, "latent", None),
         vae=getattr(args, "vae", None),
+        workers=getattr(args, "workers", 0),
         precision=args.precision,
         compile=args.compile,
     )

@@ -22,6 +22,7 @@ from cmkit.config import DataSection, NetworkSpec, RunConfig, SamplingSection, T
 from cmkit.distributed import World
 from cmkit.engine import check_precision, make_engine
 from cmkit.errors import OptionError, UserError
+from cmkit.folder import FolderRows, fit_folder, folder_rows, training_files
 from cmkit.guidance import GUIDANCE_DIM, GuidedDenoiser, WithGuidance, check_guidance
 from cmkit.labels import Labels, load_labels, run_labels
 from cmkit.losses import make_distance
@@ -76,6 +77,7 @@ class RunOptions:
     label_key: str | None = None  # the labels' array in an .npz (None: found by name)
     latent: str | None = None  # train in the latent space of this train-autoencoder folder
     vae: str | None = None  # ... or of this diffusers AutoencoderKL folder (cmkit.latent)
+    workers: int = 0  # decode an image folder lazily in this many processes (0: in memory)
     precision: str = "fp32"  # or "bf16": the network forwards under autocast
     compile: bool = False  # torch.compile the online network's training forward
     world: World = field(default_factory=World)  # the processes training together
@@ -121,16 +123,58 @@ def load_training_data(
     labels: bool = False,
     label_key: str | None = None,
     autoencoder: latentlib.Source | None = None,
+    workers: int = 0,
 ) -> tuple[Samples, DataSection]:
     """Training split in model units (vectors scaled to std σ_data), with its class labels as
     the `labels` conditioning when asked for, and its config section (with the .npz keys and
     layout the user gave, so every later read is the same). With an `autoencoder` the split
-    is encoded once into its latents (cmkit.latent), and the section records it."""
+    is encoded once into its latents (cmkit.latent), and the section records it. `workers`
+    ≥ 1 decodes an image folder lazily in that many processes (cmkit.folder)."""
+    check_workers(spec, workers, autoencoder is not None)
+    if workers:
+        return _lazy_folder(spec, holdout, sigma_data, key, layout, labels, label_key, workers)
     data, section = _training_pixels(spec, holdout, sigma_data, key, layout, labels, label_key)
     if autoencoder is None:
         return data, section
     latents, entry = latentlib.fit(autoencoder, data, section.shape, sigma_data)
     return latents, replace(section, shape=tuple(latents.x0.shape[1:]), latent=entry)
+
+
+def check_workers(spec: str, workers: int, latent: bool) -> None:
+    """--workers decodes an image folder lazily: one line for anything else."""
+    if workers < 0:
+        raise OptionError("workers", f"must be >= 0, got {workers}")
+    if workers and latent:
+        raise OptionError(
+            "workers", "applies to image folders; a latent run encodes its images once"
+        )
+    if workers and not Path(spec).expanduser().is_dir():
+        raise OptionError("workers", f"applies to image folders; {spec} is not one")
+
+
+def _lazy_folder(
+    spec: str,
+    holdout: float,
+    sigma_data: float,
+    key: str | None,
+    layout: str | None,
+    labels: bool,
+    label_key: str | None,
+    workers: int,
+) -> tuple[Samples, DataSection]:
+    """An image folder's training split decoded lazily, and its (lazy) section; the options
+    of arrays are refused as an in-memory folder refuses them."""
+    if label_key is not None and not labels:
+        raise OptionError("label_key", f"{label_key!r} names the labels of --labels; add --labels")
+    datalib.check_array_options(spec, key, layout, False, False)
+    spec = str(Path(spec).expanduser().resolve())
+    decoder, train = fit_folder(spec, holdout, sigma_data)
+    found = load_labels(spec, len(training_files(spec, 0)[0]), label_key) if labels else None
+    classes = None if found is None else found.classes
+    shape = (1 if decoder.gray else 3, decoder.size[1], decoder.size[0])
+    section = DataSection(spec, holdout, shape, decoder.scaler, classes=classes, lazy=True)
+    y = None if found is None else found.y[train]
+    return FolderRows(decoder, y, workers), section
 
 
 def _training_pixels(
@@ -167,7 +211,10 @@ def _training_pixels(
 
 
 def run_data(
-    section: DataSection, raw: np.ndarray | None = None, y: np.ndarray | None = None
+    section: DataSection,
+    raw: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+    workers: int = 0,
 ) -> Samples:
     """The training split of a run's data section in model units, with its labels if it has
     them (a student reads its teacher's data exactly as the teacher did; a latent run's
@@ -176,6 +223,10 @@ def run_data(
     if section.latent is not None:
         pixels = run_data(replace(section, latent=None), raw, y)
         return latentlib.run_latents(section.latent, pixels)
+    if section.lazy:
+        labels = run_labels(section, len(training_files(section.spec, 0)[0]))
+        y = None if labels is None else labels[0]
+        return folder_rows(section.spec, section.holdout, section.shape, section.scaler, y, workers)
     if datalib.is_npy(section.spec):
         return mapped_rows(section.spec, section.holdout, section.scaler, section.layout)
     raw = datalib.load_data(section.spec, section.key, section.layout) if raw is None else raw
@@ -203,6 +254,7 @@ def from_data(
         run.labels,
         run.label_key,
         autoencoder,
+        run.workers,
     )
     net_spec = default_network(
         section.shape, run.network, run.backbone or "builtin", num_classes(section)
@@ -365,6 +417,16 @@ def fit(
     None trains unclipped."""
     out = Path(run.out)
     engine = make_engine(run.world, state.online.net, run.precision, run.compile)
+    try:
+        _train(run, config, state, data, loss_fn, grad_clip, target_mu, engine, out)
+    finally:
+        close = getattr(data, "close", None)  # a lazy folder's decoding workers
+        if close is not None:
+            close()
+    return out
+
+
+def _train(run, config, state, data, loss_fn, grad_clip, target_mu, engine, out) -> None:
     train(
         state,
         loss_fn,
@@ -381,7 +443,6 @@ def fit(
         on_nonfinite=run.on_nonfinite,
         engine=engine,
     )
-    return out
 
 
 def _checkpoint(out: Path, config: RunConfig, state: TrainState, keep_history: bool) -> None:
