@@ -418,31 +418,27 @@ def fit(
     out = Path(run.out)
     engine = make_engine(run.world, state.online.net, run.precision, run.compile)
     try:
-        _train(run, config, state, data, loss_fn, grad_clip, target_mu, engine, out)
+        train(
+            state,
+            loss_fn,
+            data.to(run.device),
+            config.training.steps,
+            config.training.batch_size,
+            run.ema_rate,
+            target_mu=target_mu,
+            grad_clip=grad_clip,
+            checkpoint=lambda s: _checkpoint(out, config, s, run.keep_history),
+            checkpoint_every=run.checkpoint_every,
+            checkpoint_seconds=60 * run.checkpoint_minutes,
+            progress=run.progress,
+            on_nonfinite=run.on_nonfinite,
+            engine=engine,
+        )
     finally:
         close = getattr(data, "close", None)  # a lazy folder's decoding workers
         if close is not None:
             close()
     return out
-
-
-def _train(run, config, state, data, loss_fn, grad_clip, target_mu, engine, out) -> None:
-    train(
-        state,
-        loss_fn,
-        data.to(run.device),
-        config.training.steps,
-        config.training.batch_size,
-        run.ema_rate,
-        target_mu=target_mu,
-        grad_clip=grad_clip,
-        checkpoint=lambda s: _checkpoint(out, config, s, run.keep_history),
-        checkpoint_every=run.checkpoint_every,
-        checkpoint_seconds=60 * run.checkpoint_minutes,
-        progress=run.progress,
-        on_nonfinite=run.on_nonfinite,
-        engine=engine,
-    )
 
 
 def _checkpoint(out: Path, config: RunConfig, state: TrainState, keep_history: bool) -> None:
