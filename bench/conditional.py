@@ -163,12 +163,16 @@ def markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
-def save_grid(grids: dict, ws: list[float], model, path: Path) -> None:
-    """Rows: the teacher, then the w-input student's one step, at each w; a column per class."""
-    rows = [grids[("teacher (Heun)", w)][:10] for w in ws]
-    rows += [grids[("CD, w input", w)][:10] for w in ws]
-    unit = to_unit(model.scaler.to_model(np.concatenate(rows)))
+def save_class_rows(rows: list[np.ndarray], model, path: Path) -> None:
+    """A grid of each row's first 10 samples (labels 0..9 in turn: a column per class)."""
+    unit = to_unit(model.scaler.to_model(np.concatenate([r[:10] for r in rows])))
     save_image_grid(unit, path, scale=4, nrow=10)
+
+
+def save_grid(grids: dict, ws: list[float], model, path: Path) -> None:
+    """Rows: the teacher, then the w-input student's one step, at each w."""
+    rows = [grids[("teacher (Heun)", w)] for w in ws] + [grids[("CD, w input", w)] for w in ws]
+    save_class_rows(rows, model, path)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from benchmarks_md import write_section
-from conditional import MNIST, Judge, steps_of
+from conditional import MNIST, Judge, save_class_rows, steps_of
 from recipe_runs import run_stages
 
 from cmkit import recipes
@@ -39,7 +39,6 @@ from cmkit.features import accuracy
 from cmkit.generate import Model, conditioning, generate, load_model
 from cmkit.labels import run_labels
 from cmkit.networks.zoo import build_for_data, default_network
-from cmkit.plots import save_image_grid
 from cmkit.process import EDMProcess
 from cmkit.train_autoencoder import AutoencoderOptions, train_autoencoder
 
@@ -252,11 +251,10 @@ def markdown(rows, ae: dict, size: dict, minutes: dict, speeds: list[dict]) -> l
 
 def save_grid(grids: dict, ws: list[float], lora_w: float, model: Model, path: Path) -> None:
     """Rows: the teacher at each w, LCM's 4 steps at each w, LCM-LoRA's 4 steps at its w."""
-    rows = [grids[("teacher (Heun)", w, None)][:10] for w in ws]
-    rows += [grids[("LCM", w, None)][:10] for w in ws]
-    rows.append(grids[("LCM-LoRA", lora_w, None)][:10])
-    unit = to_unit(model.scaler.to_model(np.concatenate(rows)))
-    save_image_grid(unit, path, scale=4, nrow=10)
+    rows = [grids[("teacher (Heun)", w, None)] for w in ws]
+    rows += [grids[("LCM", w, None)] for w in ws]
+    rows.append(grids[("LCM-LoRA", lora_w, None)])
+    save_class_rows(rows, model, path)
 
 
 def main() -> None:

@@ -180,10 +180,9 @@ def training_files(folder: str, holdout: float) -> tuple[tuple[Path, ...], np.nd
     return tuple(files), holdout_index(len(files), holdout)[0]
 
 
-def fit_folder(folder: str, holdout: float, sigma_data: float) -> tuple[Decoder, np.ndarray]:
-    """The training split's decoder with its scaler fitted on a sample of its images, and
-    the split's indices among the folder's files."""
-    files, train = training_files(folder, holdout)
+def fit_folder(files: tuple[Path, ...], train: np.ndarray, sigma_data: float) -> Decoder:
+    """The decoder of the training split `train` of a folder's `files` (training_files), with
+    its scaler fitted on a sample of its images."""
     size = _open_image(files[0]).size
     sample = sample_rows(train, 4 * 3 * size[0] * size[1])
     images = [_open_image(files[i]) for i in sample]
@@ -196,14 +195,18 @@ def fit_folder(folder: str, holdout: float, sigma_data: float) -> tuple[Decoder,
             )
     gray = all(image.mode in GRAY_MODES for image in images)
     scaler = Scaler.fit(np.stack([_image_array(image, gray) for image in images]), sigma_data)
-    return Decoder(tuple(files[i] for i in train), gray, size, scaler), train
+    return Decoder(tuple(files[i] for i in train), gray, size, scaler)
 
 
 def folder_rows(
-    folder: str, holdout: float, shape: tuple[int, ...], scaler: Scaler, labels, workers: int
+    files: tuple[Path, ...],
+    train: np.ndarray,
+    shape: tuple[int, ...],
+    scaler: Scaler,
+    labels,
+    workers: int,
 ) -> FolderRows:
-    """A run's training split of an image folder, as its config recorded it (shape (C, H, W),
-    the scaler), with `labels` the training split's labels or None."""
-    files, train = training_files(folder, holdout)
+    """A run's training split `train` of a folder's `files` (training_files), as its config
+    recorded it (shape (C, H, W), the scaler), with `labels` the split's labels or None."""
     decoder = Decoder(tuple(files[i] for i in train), shape[0] == 1, (shape[2], shape[1]), scaler)
     return FolderRows(decoder, labels, workers)

@@ -130,6 +130,8 @@ def load_training_data(
     layout the user gave, so every later read is the same). With an `autoencoder` the split
     is encoded once into its latents (cmkit.latent), and the section records it. `workers`
     ≥ 1 decodes an image folder lazily in that many processes (cmkit.folder)."""
+    if label_key is not None and not labels:
+        raise OptionError("label_key", f"{label_key!r} names the labels of --labels; add --labels")
     check_workers(spec, workers, autoencoder is not None)
     if workers:
         return _lazy_folder(spec, holdout, sigma_data, key, layout, labels, label_key, workers)
@@ -164,12 +166,11 @@ def _lazy_folder(
 ) -> tuple[Samples, DataSection]:
     """An image folder's training split decoded lazily, and its (lazy) section; the options
     of arrays are refused as an in-memory folder refuses them."""
-    if label_key is not None and not labels:
-        raise OptionError("label_key", f"{label_key!r} names the labels of --labels; add --labels")
     datalib.check_array_options(spec, key, layout, False, False)
     spec = str(Path(spec).expanduser().resolve())
-    decoder, train = fit_folder(spec, holdout, sigma_data)
-    found = load_labels(spec, len(training_files(spec, 0)[0]), label_key) if labels else None
+    files, train = training_files(spec, holdout)
+    decoder = fit_folder(files, train, sigma_data)
+    found = load_labels(spec, len(files), label_key) if labels else None
     classes = None if found is None else found.classes
     shape = (1 if decoder.gray else 3, decoder.size[1], decoder.size[0])
     section = DataSection(spec, holdout, shape, decoder.scaler, classes=classes, lazy=True)
@@ -187,8 +188,6 @@ def _training_pixels(
     label_key: str | None,
 ) -> tuple[Samples, DataSection]:
     """load_training_data of the data itself: the samples in model units and their section."""
-    if label_key is not None and not labels:
-        raise OptionError("label_key", f"{label_key!r} names the labels of --labels; add --labels")
     path = Path(spec)
     spec = str(path.resolve()) if path.exists() else spec
 
@@ -224,9 +223,10 @@ def run_data(
         pixels = run_data(replace(section, latent=None), raw, y)
         return latentlib.run_latents(section.latent, pixels)
     if section.lazy:
-        labels = run_labels(section, len(training_files(section.spec, 0)[0]))
+        files, train = training_files(section.spec, section.holdout)
+        labels = run_labels(section, len(files))
         y = None if labels is None else labels[0]
-        return folder_rows(section.spec, section.holdout, section.shape, section.scaler, y, workers)
+        return folder_rows(files, train, section.shape, section.scaler, y, workers)
     if datalib.is_npy(section.spec):
         return mapped_rows(section.spec, section.holdout, section.scaler, section.layout)
     raw = datalib.load_data(section.spec, section.key, section.layout) if raw is None else raw
