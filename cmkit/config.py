@@ -2,7 +2,8 @@
 
 This module owns config.json: it is written by `RunConfig.to_dict()` and read by
 `RunConfig.from_dict()` (through runs.load_config) and nowhere else. Sections:
-  kind       "teacher" (a denoiser) or "consistency" (a consistency function)
+  kind       "teacher" (a denoiser), "consistency" (a consistency function) or "flowmap"
+             (a flow map F(x_t, t → s), cmkit.flowmap)
   process    the noise process (cmkit.process), rebuilt by its one factory
   network    the plain network's type and keyword arguments (cmkit.networks.zoo)
   data       the data spec, held-out fraction, sample shape and scaling; for a latent run
@@ -22,7 +23,7 @@ from cmkit.noise import CTCurriculum, ICTCurriculum
 from cmkit.process import Process, process_from_dict
 
 FORMAT = 2
-KINDS = ("teacher", "consistency")
+KINDS = ("teacher", "consistency", "flowmap")
 LATENT_KINDS = ("builtin", "diffusers")  # cmkit train-autoencoder's, diffusers' AutoencoderKL
 LOOP_KEYS = ("steps", "batch_size", "lr", "ema_rate", "seed")
 FORMAT_1_GRAD_CLIP = 1.0  # format 1 runs were all clipped at 1.0

@@ -18,6 +18,7 @@ from cmkit.batch import NO_COND, Cond
 from cmkit.data import IMAGE_SUFFIXES, load_data, load_image, read_array, to_unit
 from cmkit.editing import MASKS, TASKS
 from cmkit.errors import OptionError, UserError
+from cmkit.flowmap import check_jumps
 from cmkit.generate import Model, cm_times
 from cmkit.plots import image_grid, save_image_grid
 from cmkit.sampling import clip_denoised, sample_onestep
@@ -119,16 +120,22 @@ def _f(model: Model):
     return clip_denoised(model.fn) if model.config.sampling.clip_denoised else model.fn
 
 
-def _edit(model: Model, task: str, opts, gen, cond, x_init, impose=editing.identity):
-    """Algorithm 4 at the task's times, with one noise per time drawn from `gen`."""
+def _edit(model: Model, task: str, opts, gen, cond, x_init, c: editing.Constraint | None = None):
+    """Algorithm 4 at the task's times, with one noise per time drawn from `gen`; a flow map
+    jumps between those times instead (editing.edit_jumps, the first noise only)."""
     times = edit_times(model, task, opts)
     noises = [torch.randn(x_init.shape, generator=gen).to(x_init) for _ in times]
+    if model.kind == "flowmap":
+        grid = [*times, 0.0]
+        check_jumps(model.config, list(zip(grid, grid[1:], strict=False)))
+        return editing.edit_jumps(model.fn, model.process, x_init, times, noises[0], c, cond)
+    impose = editing.identity if c is None else c.impose
     return editing.edit(_f(model), model.process, x_init, times, noises, impose, cond)
 
 
 def _constrained(model: Model, task: str, opts, gen, cond, c: editing.Constraint):
     start = c.start()
-    return start, _edit(model, task, opts, gen, cond, start, c.impose)
+    return start, _edit(model, task, opts, gen, cond, start, c)
 
 
 def _check_shape(y: torch.Tensor, shape: tuple[int, ...], what: str) -> None:

@@ -50,6 +50,14 @@ class Constraint:
         """A⁻¹[(A·y) ⊙ (1 − Ω) + (A·x) ⊙ Ω]: the known part of y, the unknown part of x."""
         return self.from_basis(torch.where(self.known, self.values, self.to_basis(x)))
 
+    def noised(self, process, t: float, z: torch.Tensor) -> "Constraint":
+        """The known part of x_t = perturb(y, t, z): perturb is linear and A orthogonal, so
+        its coefficients are perturb(A·y, t, A·z)."""
+        coef = self.to_basis(z)
+        t_b = torch.full((coef.shape[0],), t, dtype=coef.dtype, device=coef.device)
+        values = torch.where(self.known, process.perturb(self.values, t_b, coef), 0.0)
+        return Constraint(self.to_basis, self.from_basis, self.known, values)
+
 
 def check_edit_times(process, times: list[float]) -> None:
     """Editing times τ₁ > τ₂ > … with τ₁ ≤ T and every τ above the boundary time ε."""
@@ -90,6 +98,32 @@ def edit(
     x = impose(f(process.perturb(x_init, tau_1, noises[0]), times[0], **cond))
     for tau, z in zip(times[1:], noises[1:], strict=True):
         x = impose(f(process.renoise(x, tau, z), tau, **cond))
+    return x
+
+
+@torch.no_grad()
+def edit_jumps(
+    F,
+    process,
+    x_init: torch.Tensor,
+    times: list[float],
+    z: torch.Tensor,
+    constraint: Constraint | None = None,
+    cond: Cond = NO_COND,
+) -> torch.Tensor:
+    """Editing with a flow map (cmkit.flowmap): x = perturb(x_init, τ₁, z), then jump
+    F(x, τ_i → τ_{i+1}) down to 0, imposing after each jump the known part of the reference
+    at that time, perturb(y, τ, z) with the start's noise z (the straight path's point), and
+    y's own known part at 0. Without a constraint it is SDEdit along the flow map.
+    NFE = len(times)."""
+    check_edit_times(process, times)
+    tau_1 = torch.full((x_init.shape[0],), times[0], dtype=x_init.dtype, device=x_init.device)
+    x = process.perturb(x_init, tau_1, z)
+    grid = [*times, 0.0]
+    for t, s in zip(grid, grid[1:], strict=False):
+        x = F.jump(x, t, s, **cond)
+        if constraint is not None:
+            x = constraint.noised(process, s, z).impose(x)
     return x
 
 

@@ -9,6 +9,8 @@ The batch axis is dynamic. Conditioning (labels, a guidance scale), where a run 
 becomes one more input per tensor after `noise`, with the batch first. A JSON file beside the
 graph (FILE.json added to its name) lists the inputs, the output, their units and the run.
 
+A flow-map run's graph is its K jumps (cmkit.flowmap.sample_jumps), whose noise is the
+initial noise alone, (1, batch, *shape).
 Teacher runs are refused (their sampler integrates an ODE over tens of evaluations), and so
 are runs on the diffusers backbone, whose UNet2DModel cannot be traced with a dynamic batch.
 """
@@ -27,6 +29,7 @@ from torch import nn
 
 from cmkit import __version__
 from cmkit.errors import OptionError, UserError
+from cmkit.flowmap import jump_grid, sample_jumps
 from cmkit.generate import Model, cm_times, load_model
 from cmkit.networks.zoo import DIFFUSERS_TYPES
 from cmkit.runs import atomic_write, read_json, save_json
@@ -40,6 +43,7 @@ NOISE_UNITS = (
     "standard normal N(0, I), drawn by the caller: noise[0] is the initial noise (at times[0] "
     "= T), noise[i] re-noises to times[i] (the layout of cmkit sample --noise)"
 )
+JUMP_NOISE_UNITS = "standard normal N(0, I), drawn by the caller: noise[0] is the initial noise"
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,11 @@ class Sampler(nn.Module):
         super().__init__()
         self.fn, self.process, self.times = model.fn, model.process, list(times)
         self.clip = model.config.sampling.clip_denoised
+        self.jumps = model.kind == "flowmap"
         self.register_buffer("scale", torch.tensor(model.scaler.scale))
         self.register_buffer("shift", torch.tensor(model.scaler.shift))
-        noise = TensorSpec("noise", (1 + len(times), BATCH, *model.shape), "float32", NOISE_UNITS)
+        k, units = (1, JUMP_NOISE_UNITS) if self.jumps else (1 + len(times), NOISE_UNITS)
+        noise = TensorSpec("noise", (k, BATCH, *model.shape), "float32", units)
         units = f"the data's units ({model.config.data.spec}): model units * scale + shift"
         self.inputs = (noise, *cond)
         self.output = TensorSpec("samples", (BATCH, *model.shape), "float32", units)
@@ -80,7 +86,10 @@ class Sampler(nn.Module):
         z, *renoise = noise.unbind(0)
         names = [spec.name for spec in self.inputs[1:]]
         cond_kwargs = dict(zip(names, cond, strict=True))
-        x = sample_multistep(f, self.process, z, self.times, renoise, cond_kwargs)
+        if self.jumps:
+            x = sample_jumps(self.fn, z, [1.0, *self.times, 0.0], cond_kwargs)
+        else:
+            x = sample_multistep(f, self.process, z, self.times, renoise, cond_kwargs)
         return x * self.scale + self.shift  # Scaler.to_raw: one value per feature, or one
 
 
@@ -104,7 +113,10 @@ def build_sampler(model: Model, steps: int | None, times: list[float] | None) ->
         )
     if steps is not None and steps < 1:
         raise OptionError("steps", f"must be >= 1, got {steps}")
-    sampler = Sampler(model, cm_times(model, steps, times), conditioning_inputs(model))
+    times = cm_times(model, steps, times)
+    if model.kind == "flowmap":
+        jump_grid(model.config, times)
+    sampler = Sampler(model, times, conditioning_inputs(model))
     return sampler.eval().requires_grad_(False)
 
 
@@ -216,6 +228,7 @@ def export_run(
         "sampler": {
             "steps": len(sampler.times) + 1,
             "times": [model.process.t_max, *sampler.times],
+            "kind": "jumps" if sampler.jumps else "consistency",
             "clip_denoised": sampler.clip,
         },
         "run": _run_record(Path(run_dir), model),

@@ -13,6 +13,7 @@ from cmkit.batch import NO_COND, Cond, cond_rows
 from cmkit.config import RunConfig
 from cmkit.data import Scaler
 from cmkit.errors import OptionError
+from cmkit.flowmap import FlowMap, check_jumps, jump_grid, sample_jumps
 from cmkit.guidance import GuidedDenoiser
 from cmkit.latent import Codec, load_codec
 from cmkit.networks.zoo import NO_NULL_LABEL, has_null_label
@@ -31,8 +32,8 @@ from cmkit.solvers import DEFAULT_GRID_POINTS, DEFAULT_SOLVER
 
 @dataclass
 class Model:
-    """A run ready to sample: the wrapped network (denoiser or consistency function) and
-    context; a latent run's codec (cmkit.latent) decodes what the network makes."""
+    """A run ready to sample: the wrapped network (denoiser, consistency function or flow
+    map) and context; a latent run's codec (cmkit.latent) decodes what the network makes."""
 
     config: RunConfig
     fn: nn.Module
@@ -76,8 +77,12 @@ def load_model(
     `guidance` conditioning (cmkit.guidance); a latent run's autoencoder, checked unchanged.
     `base`, `force`: a LoRA run's adapter on another teacher run (runs.load_network)."""
     config, net = load_network(run_dir, which, base, force)
-    wrap = config.process.denoiser if config.kind == "teacher" else config.process.consistency
-    fn = wrap(net.to(device))
+    wraps = {
+        "teacher": config.process.denoiser,
+        "consistency": config.process.consistency,
+        "flowmap": FlowMap,
+    }
+    fn = wraps[config.kind](net.to(device))
     if config.kind == "teacher" and config.data.classes is not None:
         fn = GuidedDenoiser(fn, len(config.data.classes))
     latent = config.data.latent
@@ -141,7 +146,8 @@ def _guidance_for(model: Model, w: float | None) -> float | None:
 
 
 def cm_times(model: Model, steps: int | None, times: list[float] | None) -> list[float]:
-    """Intermediate times for a consistency run: explicit, stored by tuning, or the default.
+    """Intermediate times for a consistency run or a flow map's jumps: explicit, stored by
+    tuning, or the default (flow process: uniform, a flow map's K-jump grid).
     Explicit times fix the step count (one more than their number); a `steps` that says
     otherwise is refused rather than ignored."""
     if times is not None:
@@ -192,7 +198,10 @@ def generate(
     Teacher runs integrate the PF-ODE (Euler/Heun, `steps` grid points). Consistency runs use
     one step, the multistep sampler over `times`, or with `ode` the ODE v = (x − f)/t
     (TrigFlow: (cos t·x − f)/sin t = σ_d·F, the model's drift); `gamma` in [0, 1] makes the
-    multistep sampler TCD's (sample_tcd; 1 is the multistep sampler itself, 0 deterministic);
+    multistep sampler TCD's (sample_tcd; 1 is the multistep sampler itself, 0 deterministic).
+    Flow-map runs jump 1 → τ₁ → … → 0 (`steps` jumps, no noise after the first), sample as
+    the consistency model F(x, t → 0) with `gamma`, and with `ode` solve the ODE of their
+    instantaneous velocity (h = 0);
     a run whose sampling section sets clip_denoised (imported from diffusers) clamps f to
     [−1, 1].
     All noise is drawn up front from one CPU generator, so chunking does not change results:
@@ -211,14 +220,20 @@ def generate(
         raise OptionError("times", "applies to consistency runs; a teacher takes a step count")
     check_tcd(model, gamma, ode)
     use_ode = model.kind == "teacher" or ode
+    jumps = model.kind == "flowmap" and not use_ode and gamma is None
     if use_ode:
         k = steps or model.config.sampling.steps or DEFAULT_GRID_POINTS
         solver = solver or model.config.sampling.solver or DEFAULT_SOLVER
         taus = []
+        ode_fn = model.fn.denoiser if model.kind == "flowmap" else model.fn
     else:
         taus = cm_times(model, steps, times)
         f = clip_denoised(model.fn) if model.config.sampling.clip_denoised else model.fn
-    expected = (1 + len(taus), n, *model.shape)
+    if jumps:
+        grid = jump_grid(model.config, taus)
+    elif model.kind == "flowmap" and not use_ode:  # gamma: consistency jumps τ → 0
+        check_jumps(model.config, [(t, 0.0) for t in [model.process.t_max, *taus]])
+    expected = (1 if jumps else 1 + len(taus), n, *model.shape)
     if noise is None:
         gen = torch.Generator().manual_seed(seed)
         z = torch.stack([torch.randn(expected[1:], generator=gen) for _ in range(expected[0])])
@@ -230,7 +245,9 @@ def generate(
         zc, *ec = z[:, i : i + chunk].to(device).unbind(0)
         cc = cond_rows(cond, i, i + chunk, device)
         if use_ode:
-            x = sample_ode(model.fn, model.process, zc, k, solver, cc)
+            x = sample_ode(ode_fn, model.process, zc, k, solver, cc)
+        elif jumps:
+            x = sample_jumps(model.fn, zc, grid, cc)
         elif gamma is None:
             x = sample_multistep(f, model.process, zc, taus, ec, cc)
         else:

@@ -40,6 +40,16 @@ COMMANDS = {  # every recipe, each on moons with a tiny MLP (distill inherits it
     "ect-tuned": ["train", "--data", "moons", "--recipe", "ect", "--double", "20", *NET],
     "sct": ["train", "--data", "moons", "--recipe", "sct", "--warmup", "10", *NET],
     "scd": ["distill", "--recipe", "scd", "--warmup", "10"],
+    "meanflow": [
+        "train",
+        "--data",
+        "moons",
+        "--recipe",
+        "meanflow",
+        "--network",
+        '{"hidden": 16, "depth": 1, "dropout": 0.1}',
+    ],
+    "shortcut": ["train", "--data", "moons", "--recipe", "shortcut", *NET],
 }
 FROM_TEACHER = {"distill": "--teacher", "ect-tuned": "--init-from", "scd": "--teacher"}
 
@@ -135,7 +145,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
-@pytest.mark.parametrize("recipe", ["ict", "ect-tuned", "sct", "scd"])
+@pytest.mark.parametrize("recipe", ["ict", "ect-tuned", "sct", "scd", "meanflow", "shortcut"])
 def test_sigkill_mid_run_then_resume_is_bit_identical(recipe, teacher, tmp_path):
     """The killed process checkpoints every step (which does not change the results), so it is
     slow enough to be caught mid-run and the kill most likely lands inside a checkpoint write."""

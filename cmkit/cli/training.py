@@ -346,7 +346,7 @@ def _add_scm_flags(p: argparse.ArgumentParser, times: bool) -> None:
     p.add_argument("--tangent-c", type=float, help=f"sct/scd: g/(‖g‖ + c) ({s.tangent_c})")
     p.add_argument(
         "--jvp",
-        help=f"sct/scd: dF/dt by {' or '.join(JVP_METHODS)} (default {s.jvp})",
+        help=f"sct/scd/meanflow: the JVP by {' or '.join(JVP_METHODS)} (default {s.jvp})",
     )
 
 
@@ -371,11 +371,19 @@ def _defaults(option: str) -> str:
 
 def add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="consistency training from data (iCT, CT) or tuning a teacher (ECT)"
+        "train",
+        help="consistency training from data (iCT, CT), tuning a teacher (ECT), or a flow map "
+        "(MeanFlow, shortcut)",
     )
     _add_run_options(p)
-    p.add_argument("--recipe", default="ict", choices=list(recipes.TRAINING_RECIPES))
-    _add_process(p, "edm; sct: trigflow")
+    p.add_argument(
+        "--recipe",
+        default="ict",
+        choices=list(recipes.TRAINING_RECIPES),
+        help="consistency models: ct, ict (default), ect, sct; flow maps, which sample better "
+        "with more steps: meanflow, shortcut",
+    )
+    _add_process(p, "edm; sct: trigflow; meanflow, shortcut: flow")
     p.add_argument("--distance", choices=DISTANCES, help=_defaults("distance"))
     p.add_argument("--s0", type=int, help=f"initial N ({_defaults('s0')})")
     p.add_argument("--s1", type=int, help=f"final N ({_defaults('s1')})")
@@ -397,8 +405,12 @@ def add_train(sub) -> None:
         help="ict: λ = 1/(t_{n+1} − t_n) (ict, the default) or 1 (uniform); "
         "ect: 1/(t − r) (inverse-gap, the default) or (t² + σ_d²)/(t·σ_d)² (snr)",
     )
-    p.add_argument("--p-mean", type=float, help=f"lognormal pairs: P_mean ({_defaults('p_mean')})")
-    p.add_argument("--p-std", type=float, help=f"lognormal pairs: P_std ({_defaults('p_std')})")
+    p.add_argument(
+        "--p-mean",
+        type=float,
+        help=f"lognormal times (meanflow: logit-normal): P_mean ({_defaults('p_mean')})",
+    )
+    p.add_argument("--p-std", type=float, help=f"lognormal times: P_std ({_defaults('p_std')})")
     e = recipes.ECTOptions()
     p.add_argument(
         "--init-from", help="ect: start from this EDM teacher run (same network); else scratch"
@@ -422,6 +434,23 @@ def add_train(sub) -> None:
         "--dropout", type=float, help="ect: dropout of the network (default: the network's)"
     )
     _add_scm_flags(p, times=False)
+    m, sc = recipes.MeanFlowOptions(), recipes.ShortcutOptions()
+    p.add_argument(
+        "--fraction",
+        type=float,
+        help=f"meanflow: share of each batch with r ≠ t ({m.fraction:g}); shortcut: share on "
+        f"self-consistency ({sc.fraction:g}); the rest trains flow matching",
+    )
+    p.add_argument(
+        "--power",
+        type=float,
+        help=f"meanflow: p of the adaptive weight 1/(‖Δ‖² + c)^p ({m.power:g})",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help=f"shortcut: M, a power of two; jumps of 1, 1/2, …, 1/M ({sc.max_steps})",
+    )
 
 
 def train(args: argparse.Namespace) -> Path:

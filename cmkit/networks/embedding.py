@@ -1,5 +1,6 @@
 """Embeddings shared by the networks: of the noise level (chosen by name with
-`make_embedding`), and of the conditioning, class labels and the guidance scale."""
+`make_embedding`), and of the conditioning: class labels, the guidance scale, and a flow
+map's interval."""
 
 import math
 
@@ -80,18 +81,26 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ConditionEmbedding(nn.Module):
-    """What a network adds to its noise embedding for the sample's class and guidance scale.
+    """What a network adds to its noise embedding for the sample's class, guidance scale and
+    interval.
 
     num_classes K: a learned vector per class plus one for the null label ∅ = K, which
     classifier-free guidance needs and which stands in when no labels are given, so a
     conditional network also evaluates unconditionally. guidance_dim h: the guidance scale w
     (LCM's guided distillation) through `guidance_embedding` and a bias-free linear layer that
     starts at zero, so a student built from its teacher starts as the teacher at every w; with
-    no w given, w = 0. Shapes: emb (B, emb_dim), labels (B,) int64, guidance (B,) -> emb's.
+    no w given, w = 0. interval: a flow map's second time input h = t − s (cmkit.flowmap), by
+    a sinusoidal embedding and a linear layer that starts at zero (so a flow map starts as the
+    velocity field of the same network); with no h given, h = 0, the instantaneous velocity.
+    Shapes: emb (B, emb_dim), labels (B,) int64, guidance (B,), interval (B,) -> emb's.
     """
 
     def __init__(
-        self, emb_dim: int, num_classes: int | None = None, guidance_dim: int | None = None
+        self,
+        emb_dim: int,
+        num_classes: int | None = None,
+        guidance_dim: int | None = None,
+        interval: bool = False,
     ) -> None:
         super().__init__()
         if num_classes is not None and num_classes < 1:
@@ -104,12 +113,18 @@ class ConditionEmbedding(nn.Module):
         if guidance_dim is not None:
             self.guidance = nn.Linear(guidance_dim, emb_dim, bias=False)
             nn.init.zeros_(self.guidance.weight)
+        self.interval = None
+        if interval:
+            self.interval = nn.Sequential(SinusoidalEmbedding(emb_dim), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.interval[1].weight)
+            nn.init.zeros_(self.interval[1].bias)
 
     def forward(
         self,
         emb: torch.Tensor,
         labels: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        interval: torch.Tensor | None = None,
         **ignored,
     ) -> torch.Tensor:
         """The noise embedding emb (B, emb_dim) plus the conditioning's; other inputs of the
@@ -123,4 +138,7 @@ class ConditionEmbedding(nn.Module):
             w = torch.zeros(batch, device=device) if guidance is None else guidance.float()
             g = self.guidance(guidance_embedding(w.expand(batch), self.guidance_dim))
             emb = emb + g.to(emb.dtype)
+        if self.interval is not None:
+            h = torch.zeros(batch, device=device) if interval is None else interval.expand(batch)
+            emb = emb + self.interval(h).to(emb.dtype)
         return emb

@@ -27,7 +27,8 @@ class MLP(nn.Module):
 
     embedding: "positional" (sinusoidal, the default) or "fourier" (random Fourier features,
     see networks.embedding); both run under forward-mode AD (torch.func.jvp). num_classes and
-    guidance_dim add the `labels` and `guidance` inputs (networks.embedding.ConditionEmbedding).
+    guidance_dim add the `labels` and `guidance` inputs, interval a flow map's `interval`
+    (networks.embedding.ConditionEmbedding).
     """
 
     def __init__(
@@ -40,13 +41,14 @@ class MLP(nn.Module):
         embedding: str = "positional",
         num_classes: int | None = None,
         guidance_dim: int | None = None,
+        interval: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.embed = nn.Sequential(
             make_embedding(embedding, emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU()
         )
-        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_dim)
+        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_dim, interval)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim, dropout) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))

@@ -99,8 +99,8 @@ class UNet(nn.Module):
     attention_levels lists the levels (0 = full resolution) whose ResBlocks get self-attention;
     listing the lowest level also puts attention in the middle block. embedding: the c_noise
     features, "positional" (sinusoidal, the default) or "fourier" (see networks.embedding).
-    num_classes and guidance_dim add the `labels` and `guidance` inputs, summed into the
-    noise embedding (networks.embedding.ConditionEmbedding).
+    num_classes, guidance_dim and interval add the `labels`, `guidance` and `interval` inputs,
+    summed into the noise embedding (networks.embedding.ConditionEmbedding).
     Every op has a forward-mode AD rule on CPU and CUDA, so torch.func.jvp runs through it.
     Shapes: x (B, in_channels, H, W) with H, W divisible by 2**(levels-1), c_noise (B,).
     """
@@ -117,6 +117,7 @@ class UNet(nn.Module):
         embedding: str = "positional",
         num_classes: int | None = None,
         guidance_dim: int | None = None,
+        interval: bool = False,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -133,7 +134,7 @@ class UNet(nn.Module):
         self.emb_mlp = nn.Sequential(
             nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim), nn.SiLU()
         )
-        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_dim)
+        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_dim, interval)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         def block(cin: int, cout: int, attn: bool) -> ResBlock:

@@ -6,6 +6,7 @@
   ct, ict   consistency training from data alone (original and improved)
   ect       easy consistency tuning: continuous-time pairs, from a teacher or from scratch
   scm       continuous-time sCT (from data) and sCD (from a teacher) on TrigFlow, by JVP
+  flowmap   flow maps from data: MeanFlow and shortcut models (any number of steps)
 
 Each `*_run(run: RunOptions, ...)` trains (or resumes) one run directory and returns it;
 `common` holds the set-up they share; `stages` the teacher-then-students table the quickstart
@@ -20,6 +21,7 @@ from cmkit.recipes.cd import CDOptions, distill_run
 from cmkit.recipes.common import RunOptions, defaults_for
 from cmkit.recipes.ct import CTOptions, ct_run
 from cmkit.recipes.ect import ECTOptions, ect_run
+from cmkit.recipes.flowmap import MeanFlowOptions, ShortcutOptions, meanflow_run, shortcut_run
 from cmkit.recipes.ict import ICTOptions, ict_run
 from cmkit.recipes.lcm import LCMOptions, lcm_run
 from cmkit.recipes.scm import SCDOptions, SCTOptions, scd_run, sct_run
@@ -41,6 +43,8 @@ TRAINING_RECIPES = {
     "ict": Recipe(ICTOptions, ict_run),
     "ect": Recipe(ECTOptions, ect_run),
     "sct": Recipe(SCTOptions, sct_run, "trigflow"),
+    "meanflow": Recipe(MeanFlowOptions, meanflow_run, "flow"),
+    "shortcut": Recipe(ShortcutOptions, shortcut_run, "flow"),
 }
 DISTILL_RECIPES = {
     "cd": Recipe(CDOptions, distill_run),
@@ -55,11 +59,13 @@ __all__ = [
     "ECTOptions",
     "ICTOptions",
     "LCMOptions",
+    "MeanFlowOptions",
     "TRAINING_RECIPES",
     "Recipe",
     "RunOptions",
     "SCDOptions",
     "SCTOptions",
+    "ShortcutOptions",
     "STUDENTS",
     "TeacherOptions",
     "ct_run",
@@ -69,8 +75,10 @@ __all__ = [
     "ect_run",
     "ict_run",
     "lcm_run",
+    "meanflow_run",
     "scaled_steps",
     "scd_run",
     "sct_run",
+    "shortcut_run",
     "teacher_run",
 ]
