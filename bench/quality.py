@@ -1,9 +1,12 @@
-"""Quality against network evaluations: teacher Euler/Heun against every consistency recipe.
+"""Quality against network evaluations: teacher Euler/Heun against every consistency recipe
+and flow map.
 
 For each data set, trains (or reuses, in --runs) a teacher and, with each recipe's defaults,
-CD, iCT, ECT (tuned from the teacher), sCT and sCD (bench/recipe_runs.py); tunes the CMs'
-multistep times on the training split, and scores every sampler against the held-out split:
-teacher Euler and Heun at 1–35 evaluations, each CM at 1, 2 and 4 steps. A cost table gives
+CD, iCT, ECT (tuned from the teacher), sCT, sCD and the flow maps MeanFlow and shortcut (from
+data; bench/recipe_runs.py); tunes the CMs' multistep times on the training split, and scores
+every sampler against the held-out split: teacher Euler and Heun at 1–35 evaluations, each CM
+at 1, 2 and 4 steps, each flow map at 1–16 jumps, the mean over three sampling seeds, whose
+spread says how far apart two step counts must be to differ. A cost table gives
 the training minutes until one-step Q1 ≤ 1.25, from the EMA weights kept at every checkpoint
 (plotted to bench/quality-<data>-cost.png). The floor row is real data (the training split,
 at most n samples) scored like generated samples. Against only 180 held-out digits real data
@@ -30,7 +33,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from benchmarks_md import write_section  # noqa: E402
-from recipe_runs import CM_RUNS, LABELS, first_below, history, train_runs  # noqa: E402
+from recipe_runs import (  # noqa: E402
+    CM_RUNS,
+    FLOW_MAPS,
+    LABELS,
+    first_below,
+    history,
+    train_runs,
+)
 
 from cmkit.evaluate import (  # noqa: E402
     Reference,
@@ -47,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 TEACHER_NFE = [1, 2, 4, 8, 18, 35]
 CM_STEPS = [1, 2, 4]
+JUMPS = [1, 2, 4, 8, 16]  # flow maps' step counts
+SEEDS = (0, 1, 2)  # sampling seeds of the flow maps' rows
 COST_TARGET = 1.25  # Q1 the cost table times
 # Measured on a digits teacher (Heun 35, 2000 samples), FD-digitsnet: against the held-out
 # split real data scores 0.97 (FD∞ 0.86), the teacher 1.26 (1.17). Against the training split
@@ -98,16 +110,61 @@ def run_data(
         {**row, "sampler": f"teacher {row['sampler']}"}
         for row in evaluate(teacher, scorer, TEACHER_NFE, n)
     ]
-    result["tuned"] = {}
+    result["tuned"], result["spread"] = {}, {}
     for run in cm_runs:
-        result["tuned"][run] = tune(out / run, tune_scorer, min(n, 2000))
-        rows += [
-            {**row, "sampler": f"{run.upper()} {row['sampler']}"}
-            for row in evaluate(load_model(str(out / run)), scorer, CM_STEPS, n)
-        ]
+        model = load_model(str(out / run))
+        if run in FLOW_MAPS:
+            run_rows, result["spread"][run] = seed_mean(model, scorer, n)
+        else:
+            result["tuned"][run] = tune(out / run, tune_scorer, min(n, 2000))
+            run_rows = evaluate(load_model(str(out / run)), scorer, CM_STEPS, n)
+        rows += [{**row, "sampler": f"{run.upper()} {row['sampler']}"} for row in run_rows]
     base = next(r for r in rows if r["sampler"] == "teacher heun" and r["nfe"] == 35)
     result["cost"] = cost_curves(out, cm_runs, scorer, base[scorer.primary], n)
     return {**result, "rows": rows, "primary": scorer.primary}
+
+
+def seed_mean(model, scorer: Scorer, n: int) -> tuple[list[dict], dict[int, float]]:
+    """A flow map's rows at each JUMPS count, every metric the mean over SEEDS, and the
+    spread (max − min over the seeds) of the headline metric per step count."""
+    per_seed = [evaluate(model, scorer, JUMPS, n, seed=seed) for seed in SEEDS]
+    rows, spread = [], {}
+    for at_k in zip(*per_seed, strict=True):
+        keys = [key for key in at_k[0] if key not in ("sampler", "nfe")]
+        rows.append({**at_k[0], **{key: float(np.mean([r[key] for r in at_k])) for key in keys}})
+        values = [r[scorer.primary] for r in at_k]
+        spread[at_k[0]["nfe"]] = max(values) - min(values)
+    return rows, spread
+
+
+def flow_map_table(result: dict) -> list[str]:
+    """Each flow map's ratio to the teacher's Heun 35 at every step count, ± the seed spread,
+    and whether quality rises with steps: metric(2k) ≤ metric(k) + spread."""
+    key, runs = result["primary"], [r for r in result["runs"] if r in FLOW_MAPS]
+    if not runs:
+        return []
+    by = {(r["sampler"], r["nfe"]): r[key] for r in result["rows"]}
+    base = by[("teacher heun", 35)]
+    head = " | ".join(f"{k} step{'s' if k > 1 else ''}" for k in JUMPS)
+    lines = [
+        f"Flow maps: {key} / teacher Heun 35 at each number of jumps (mean of sampling seeds "
+        f"{', '.join(map(str, SEEDS))}, ± their spread, max − min, over the teacher), and "
+        "whether each doubling of the steps is no worse within that spread:",
+        "",
+        f"| flow map | {head} | rises with steps |",
+        "|---|" + "---:|" * len(JUMPS) + "---|",
+    ]
+    for run in runs:
+        values = [by[(_cm_label(run, k), k)] for k in JUMPS]
+        spread = [result["spread"][run][k] for k in JUMPS]
+        pairs = zip(values, spread, strict=True)
+        cells = " | ".join(f"{v / base:.2f} ± {s / base:.2f}" for v, s in pairs)
+        rises = all(
+            b <= a + max(sa, sb)
+            for a, b, sa, sb in zip(values, values[1:], spread, spread[1:], strict=False)
+        )
+        lines.append(f"| {LABELS[run]} | {cells} | {'yes' if rises else 'no'} |")
+    return lines + [""]
 
 
 def cost_curves(
@@ -193,7 +250,7 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     key = result["excess_key"]
     styles = [("teacher euler", "o--"), ("teacher heun", "s--")]
-    markers = dict(zip(CM_RUNS, "o^vDx*", strict=False))  # one marker per recipe in every plot
+    markers = dict(zip(CM_RUNS, "o^vDx*P", strict=True))  # one marker per recipe in every plot
     styles += [(run.upper(), markers[run] + "-") for run in result["runs"]]
     for prefix, style in styles:
         rows = [r for r in result["rows"] if f"{r['sampler']} ".startswith(prefix + " ")]
@@ -253,11 +310,14 @@ def write(result: dict, command: str, plot_path: str, cost_path: str) -> None:
     body = [
         f"Measured {datetime.date.today()} on 2 CPU cores with `{command}`. "
         "Q_k = metric(CM, k steps) / metric(teacher Heun 35). Targets: ECT Q1 ≤ 1.10 and "
-        "Q2 ≤ 1.00, sCD Q2 ≤ 1.00, sCT Q1 ≤ 1.5 (digits); ECT Q1 ≤ 1.10, sCD Q1 ≤ 1.25 (toys).",
+        "Q2 ≤ 1.00, sCD Q2 ≤ 1.00, sCT Q1 ≤ 1.5 (digits); ECT Q1 ≤ 1.10, sCD Q1 ≤ 1.25 (toys); "
+        "ECT Q1 ≤ 1.15 (MNIST); MeanFlow Q1 ≤ 1.25 in no more time than iCT, flow maps no "
+        "worse with more steps, shortcut Q8 ≤ 1.10 (every data set).",
         "",
         f"![{result['name']}: quality against NFE]({plot_path})",
         "",
         *markdown(result)[2:],
+        *flow_map_table(result),
         f"![{result['name']}: one-step quality against training time]({cost_path})",
         "",
         *cost_table(result),

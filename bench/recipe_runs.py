@@ -10,12 +10,21 @@ from pathlib import Path
 
 from cmkit import recipes
 from cmkit.data import load_data
-from cmkit.generate import Model
+from cmkit.generate import Model, wrap_network
 from cmkit.networks.zoo import build_network
 from cmkit.runs import load_config, load_weights
 
 CM_RUNS = recipes.STUDENTS
-LABELS = {"cd": "CD", "ict": "iCT", "ect": "ECT", "sct": "sCT", "scd": "sCD"}
+LABELS = {
+    "cd": "CD",
+    "ict": "iCT",
+    "ect": "ECT",
+    "sct": "sCT",
+    "scd": "sCD",
+    "meanflow": "MeanFlow",
+    "shortcut": "shortcut",
+}
+FLOW_MAPS = ("meanflow", "shortcut")  # sampled by jumps at any step count, not tuned
 SNAPSHOTS = 12  # history points per run
 
 
@@ -61,7 +70,7 @@ def history(run_dir: Path) -> list[tuple[int, float, Model]]:
     for step, seconds in sorted(index.items(), key=lambda kv: int(kv[0])):
         net = build_network(config.network)
         load_weights(net, run_dir / "history" / f"ema-{int(step):08d}.safetensors")
-        out.append((int(step), seconds, Model(config, config.process.consistency(net.eval()))))
+        out.append((int(step), seconds, Model(config, wrap_network(config, net.eval()))))
     return out
 
 

@@ -77,16 +77,21 @@ def load_model(
     `guidance` conditioning (cmkit.guidance); a latent run's autoencoder, checked unchanged.
     `base`, `force`: a LoRA run's adapter on another teacher run (runs.load_network)."""
     config, net = load_network(run_dir, which, base, force)
+    fn = wrap_network(config, net.to(device))
+    if config.kind == "teacher" and config.data.classes is not None:
+        fn = GuidedDenoiser(fn, len(config.data.classes))
+    latent = config.data.latent
+    return Model(config, fn, None if latent is None else load_codec(latent).to(device))
+
+
+def wrap_network(config: RunConfig, net: nn.Module) -> nn.Module:
+    """A plain network as its run samples it: denoiser, consistency function or flow map."""
     wraps = {
         "teacher": config.process.denoiser,
         "consistency": config.process.consistency,
         "flowmap": FlowMap,
     }
-    fn = wraps[config.kind](net.to(device))
-    if config.kind == "teacher" and config.data.classes is not None:
-        fn = GuidedDenoiser(fn, len(config.data.classes))
-    latent = config.data.latent
-    return Model(config, fn, None if latent is None else load_codec(latent).to(device))
+    return wraps[config.kind](net)
 
 
 def conditioning(
