@@ -184,7 +184,8 @@ def test_k_jumps_use_k_evaluations_on_the_uniform_grid(flow_maps):
 
 def test_flow_map_runs_record_their_kind_and_sample_eval_and_ode(flow_maps, tmp_path, capsys):
     config = json.loads((flow_maps / "shortcut" / "config.json").read_text())
-    assert config["kind"] == "flowmap" and config["network"]["kwargs"]["interval"] is True
+    kwargs = config["network"]["kwargs"]
+    assert config["kind"] == "flowmap" and kwargs["interval"] is True and kwargs["max_freq"] == 20
     assert config["training"]["options"]["max_steps"] == 128
     out = tmp_path / "s.npy"
     run = flow_maps / "meanflow"

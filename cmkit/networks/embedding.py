@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 EMBEDDINGS = ("positional", "fourier")
+MAX_FREQ = 200.0  # the positional embedding's highest frequency (flow maps use less)
 
 
 def _angle_dtype(freqs: torch.Tensor) -> torch.dtype:
@@ -21,13 +22,17 @@ class SinusoidalEmbedding(nn.Module):
 
     The frequencies span [1, max_freq] because c_noise lives in a range of a few units
     (EDM: ln(σ)/4 ∈ [−1.6, 1.1]; flow: t ∈ [0, 1]) and must be resolved finely near σ_min.
+    A loss that differentiates the network in time (a flow map's JVP) sees ∂/∂t scaled by up
+    to max_freq, so flow maps take a lower one.
     Shapes: c_noise (B,) -> (B, dim).
     """
 
-    def __init__(self, dim: int, max_freq: float = 200.0) -> None:
+    def __init__(self, dim: int, max_freq: float = MAX_FREQ) -> None:
         super().__init__()
         if dim % 2:
             raise ValueError(f"embedding dim must be even, got {dim}")
+        if not max_freq > 0:
+            raise ValueError(f"max_freq must be > 0, got {max_freq}")
         freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2))
         self.register_buffer("freqs", freqs, persistent=False)
 
@@ -58,10 +63,11 @@ class FourierEmbedding(nn.Module):
         return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
-def make_embedding(name: str, dim: int) -> nn.Module:
-    """ "positional" (SinusoidalEmbedding, the default) or "fourier" (FourierEmbedding)."""
+def make_embedding(name: str, dim: int, max_freq: float = MAX_FREQ) -> nn.Module:
+    """ "positional" (SinusoidalEmbedding up to max_freq, the default) or "fourier"
+    (FourierEmbedding, whose frequencies are random)."""
     if name == "positional":
-        return SinusoidalEmbedding(dim)
+        return SinusoidalEmbedding(dim, max_freq)
     if name == "fourier":
         return FourierEmbedding(dim)
     raise ValueError(f"unknown embedding {name!r}; expected {' or '.join(map(repr, EMBEDDINGS))}")
@@ -90,8 +96,9 @@ class ConditionEmbedding(nn.Module):
     (LCM's guided distillation) through `guidance_embedding` and a bias-free linear layer that
     starts at zero, so a student built from its teacher starts as the teacher at every w; with
     no w given, w = 0. interval: a flow map's second time input h = t − s (cmkit.flowmap), by
-    a sinusoidal embedding and a linear layer that starts at zero (so a flow map starts as the
-    velocity field of the same network); with no h given, h = 0, the instantaneous velocity.
+    a sinusoidal embedding (up to max_freq) and a linear layer that starts at zero (so a flow
+    map starts as the velocity field of the same network); with no h given, h = 0, the
+    instantaneous velocity.
     Shapes: emb (B, emb_dim), labels (B,) int64, guidance (B,), interval (B,) -> emb's.
     """
 
@@ -101,6 +108,7 @@ class ConditionEmbedding(nn.Module):
         num_classes: int | None = None,
         guidance_dim: int | None = None,
         interval: bool = False,
+        max_freq: float = MAX_FREQ,
     ) -> None:
         super().__init__()
         if num_classes is not None and num_classes < 1:
@@ -115,7 +123,9 @@ class ConditionEmbedding(nn.Module):
             nn.init.zeros_(self.guidance.weight)
         self.interval = None
         if interval:
-            self.interval = nn.Sequential(SinusoidalEmbedding(emb_dim), nn.Linear(emb_dim, emb_dim))
+            self.interval = nn.Sequential(
+                SinusoidalEmbedding(emb_dim, max_freq), nn.Linear(emb_dim, emb_dim)
+            )
             nn.init.zeros_(self.interval[1].weight)
             nn.init.zeros_(self.interval[1].bias)
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from cmkit.networks.embedding import ConditionEmbedding, make_embedding
+from cmkit.networks.embedding import MAX_FREQ, ConditionEmbedding, make_embedding
 
 
 class ResidualBlock(nn.Module):
@@ -26,9 +26,9 @@ class MLP(nn.Module):
     """Residual MLP over (B, D) vectors with a noise embedding. Output (B, D).
 
     embedding: "positional" (sinusoidal, the default) or "fourier" (random Fourier features,
-    see networks.embedding); both run under forward-mode AD (torch.func.jvp). num_classes and
-    guidance_dim add the `labels` and `guidance` inputs, interval a flow map's `interval`
-    (networks.embedding.ConditionEmbedding).
+    see networks.embedding; max_freq: the positional one's highest frequency); both run under
+    forward-mode AD (torch.func.jvp). num_classes and guidance_dim add the `labels` and
+    `guidance` inputs, interval a flow map's `interval` (networks.embedding.ConditionEmbedding).
     """
 
     def __init__(
@@ -42,13 +42,14 @@ class MLP(nn.Module):
         num_classes: int | None = None,
         guidance_dim: int | None = None,
         interval: bool = False,
+        max_freq: float = MAX_FREQ,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.embed = nn.Sequential(
-            make_embedding(embedding, emb_dim), nn.Linear(emb_dim, emb_dim), nn.SiLU()
+            make_embedding(embedding, emb_dim, max_freq), nn.Linear(emb_dim, emb_dim), nn.SiLU()
         )
-        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_dim, interval)
+        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_dim, interval, max_freq)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(ResidualBlock(hidden, emb_dim, dropout) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkit.networks.embedding import ConditionEmbedding, make_embedding
+from cmkit.networks.embedding import MAX_FREQ, ConditionEmbedding, make_embedding
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -98,7 +98,8 @@ class UNet(nn.Module):
     Level i runs at resolution 2**-i of the input with channels * channel_mult[i] channels;
     attention_levels lists the levels (0 = full resolution) whose ResBlocks get self-attention;
     listing the lowest level also puts attention in the middle block. embedding: the c_noise
-    features, "positional" (sinusoidal, the default) or "fourier" (see networks.embedding).
+    features, "positional" (sinusoidal up to max_freq, the default) or "fourier" (see
+    networks.embedding).
     num_classes, guidance_dim and interval add the `labels`, `guidance` and `interval` inputs,
     summed into the noise embedding (networks.embedding.ConditionEmbedding).
     Every op has a forward-mode AD rule on CPU and CUDA, so torch.func.jvp runs through it.
@@ -118,6 +119,7 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         guidance_dim: int | None = None,
         interval: bool = False,
+        max_freq: float = MAX_FREQ,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -130,11 +132,11 @@ class UNet(nn.Module):
             raise ValueError(f"attention_levels must lie in [0, {levels - 1}], got {bad}")
         self.in_channels = in_channels
         self.levels = levels
-        self.freq_embed = make_embedding(embedding, channels)
+        self.freq_embed = make_embedding(embedding, channels, max_freq)
         self.emb_mlp = nn.Sequential(
             nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim), nn.SiLU()
         )
-        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_dim, interval)
+        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_dim, interval, max_freq)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         def block(cin: int, cout: int, attn: bool) -> ResBlock:

@@ -1,8 +1,9 @@
 """Flow maps from data: MeanFlow and shortcut models (cmkit.flowmap, cmkit.flowmap_losses).
 
 Both train from scratch on the flow process with the data kind's default network given its
-second time input (`interval`), and both need only the online network (the targets are its
-own outputs under no-grad, μ = 0), so a run is a plain `fit` with kind "flowmap".
+second time input (`interval`) and a positional embedding up to frequency MAX_FREQ rather
+than 200, and both need only the online network (the targets are its own outputs under
+no-grad, μ = 0), so a run is a plain `fit` with kind "flowmap".
 
 Deviations from the papers' settings: MeanFlow defaults to its CIFAR-10 (UNet) settings on
 every data kind, logit-normal(−2, 2) times, 75% of each batch with r ≠ t, p = 0.75, with Adam
@@ -33,6 +34,12 @@ from cmkit.jvp import JVP_METHODS
 from cmkit.process import Process
 from cmkit.recipes.common import RunOptions, fit, from_data, start, training_section
 from cmkit.train import check_grad_clip
+
+# The time embedding's highest frequency (--network '{"max_freq": F}' overrides it). MeanFlow's
+# target differentiates the network in t, which scales each frequency's feature by it: on
+# moons, 2000 steps, one-step energy distance 0.085 at 200 (every other network's), 0.016 at
+# 50, 0.012 at 20, 0.032 at 5; shortcut models 0.020 at 200, 0.017 at 20.
+MAX_FREQ = 20.0
 
 
 @dataclass
@@ -95,7 +102,7 @@ def _flowmap_run(run: RunOptions, data_spec: str, process: Process, recipe: str,
         raise OptionError(
             "backbone", f"{recipe} needs the built-in networks' interval input, not {run.backbone}"
         )
-    run = replace(run, network={**run.network, "interval": True})
+    run = replace(run, network={"max_freq": MAX_FREQ, **run.network, "interval": True})
     data, section, net_spec, net = from_data(run, data_spec, process)
     training = training_section(run, section.shape, "cm_steps", recipe, asdict(opts))
     config = RunConfig("flowmap", process, net_spec, section, training, SamplingSection())
