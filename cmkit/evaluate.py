@@ -22,6 +22,7 @@ from cmkit import data as datalib
 from cmkit.batch import NO_COND, Cond
 from cmkit.errors import OptionError, UserError
 from cmkit.features import make_extractor
+from cmkit.flowmap import SHORTCUT
 from cmkit.generate import Model, check_tcd, generate
 from cmkit.labels import run_labels
 from cmkit.metrics import (
@@ -314,6 +315,10 @@ def tune_times(
     the process's own coordinate (EDM: log σ). Returns (times, best metric)."""
     if model.kind == "teacher":
         raise UserError("tune-times applies to consistency runs; a teacher has no τ to tune")
+    if model.config.training.recipe == SHORTCUT:
+        raise UserError(
+            "a shortcut model jumps by powers of two on its own grid; it has no times to tune"
+        )
     if steps < 2:
         raise OptionError("steps", f"must be >= 2 to have an intermediate time, got {steps}")
     proc = model.process

@@ -229,7 +229,9 @@ def store_times(run_dir: str | Path, steps: int, times: list[float], note: dict)
 
     Training that resumes rewrites config.json and drops them: they belong to these weights.
     """
-    config = load_config(run_dir, "consistency")
+    config = load_config(run_dir)
+    if config.kind == "teacher":
+        raise UserError(f"{run_dir} is a teacher run, which has no intermediate times")
     config.sampling.times[str(steps)] = times
     config.sampling.tuning[str(steps)] = note
     save_config(run_dir, config)

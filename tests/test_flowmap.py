@@ -2,6 +2,7 @@
 runs that train, sample at any step count, edit, evaluate, export and refuse bad values."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -168,6 +169,8 @@ def test_one_jump_is_the_one_step_consistency_sample(flow_maps):
     one_jump = sample_jumps(model.fn, z, uniform_grid(1))
     assert torch.equal(one_jump, sample_onestep(model.fn, FlowProcess(), z))
     assert np.array_equal(generate(model, 100, steps=1), generate(model, 100, steps=1, gamma=1.0))
+    # --gamma samples the consistency view F(x, t → 0) with re-noising, not the jumps
+    assert not np.allclose(generate(model, 100, steps=2), generate(model, 100, steps=2, gamma=1.0))
 
 
 def test_k_jumps_use_k_evaluations_on_the_uniform_grid(flow_maps):
@@ -196,6 +199,23 @@ def test_flow_map_runs_record_their_kind_and_sample_eval_and_ode(flow_maps, tmp_
     assert run_cli("eval", "--model", run, "--nfe", "1,2,4,8,16", "--n", "200") == 0
     table = capsys.readouterr().out
     assert all(f"| {k} step" in table for k in (1, 2, 4, 8, 16))
+
+
+def test_tune_times_searches_meanflow_jumps_and_refuses_shortcut(flow_maps, tmp_path, capsys):
+    run = tmp_path / "mf"
+    shutil.copytree(flow_maps / "meanflow", run)
+    args = ["--steps", "2", "--iters", "2", "--n", "100"]
+    assert run_cli("tune-times", "--model", run, *args) == 0
+    (tau,) = json.loads((run / "config.json").read_text())["sampling"]["times"]["2"]
+    calls = []
+    model = load_model(str(run))
+    forward = model.fn.net.forward
+    model.fn.net.forward = lambda x, t, **c: calls.append(t[0].item()) or forward(x, t, **c)
+    generate(model, 10, steps=2)
+    assert calls == pytest.approx([1.0, tau])
+    capsys.readouterr()
+    assert run_cli("tune-times", "--model", flow_maps / "shortcut", *args) == 2
+    assert "no times to tune" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("steps", ["3", "256"])
