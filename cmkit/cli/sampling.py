@@ -172,8 +172,8 @@ def add_eval(sub) -> None:
     p.add_argument(
         "--nfe",
         type=ints,
-        help="network evaluations, e.g. 1,2,4 (default: 1,2,4 for a CM; "
-        "1,2,4,8,18,35 with Euler and Heun for a teacher)",
+        help="network evaluations, e.g. 1,2,4 (default: 1,2,4 for a CM; 1,2,4,8,16 for a flow "
+        "map; 1,2,4,8,18,35 with Euler and Heun for a teacher)",
     )
     p.add_argument(
         "--reference",
@@ -208,7 +208,9 @@ def evaluate(args: argparse.Namespace) -> None:
         return chosen.data
 
     model, scorer, n = _scoring(args, reference, args.fd_inf)
-    default = [1, 2, 4] if model.kind != "teacher" else [1, 2, 4, 8, 18, 35]
+    default = {"teacher": [1, 2, 4, 8, 18, 35], "flowmap": [1, 2, 4, 8, 16]}.get(
+        model.kind, [1, 2, 4]
+    )
     cond = conditioning(model, n, args.label, args.guidance)
     rows = evaluate(model, scorer, args.nfe or default, n, args.seed, cond, args.gamma)
     print(f"{args.model}: {n} samples against {len(scorer.reference)} reference samples")
