@@ -55,13 +55,6 @@ class FlowMap(nn.Module):
         return x - batch_column(t, x) * self.average_velocity(x, t, 0.0, **cond)
 
 
-def uniform_grid(steps: int) -> list[float]:
-    """1, (K−1)/K, …, 1/K, 0: the K-jump grid of both papers."""
-    if steps < 1:
-        raise OptionError("steps", f"must be >= 1, got {steps}")
-    return [1 - i / steps for i in range(steps)] + [0.0]
-
-
 def check_jumps(config: RunConfig, jumps: list[tuple[float, float]]) -> None:
     """Jumps t → s the run was trained for: any for MeanFlow; for shortcut models a step size
     d = 2^−j ≥ 1/M from a time on d's own grid (the only (t, d) pairs its self-consistency
