@@ -112,12 +112,11 @@ def run_data(
     ]
     result["tuned"], result["spread"] = {}, {}
     for run in cm_runs:
-        model = load_model(str(out / run))
         if run in FLOW_MAPS:
-            run_rows, result["spread"][run] = seed_mean(model, scorer, n)
+            run_rows, result["spread"][run] = seed_mean(load_model(str(out / run)), scorer, n)
         else:
             result["tuned"][run] = tune(out / run, tune_scorer, min(n, 2000))
-            run_rows = evaluate(load_model(str(out / run)), scorer, CM_STEPS, n)
+            run_rows = evaluate(load_model(str(out / run)), scorer, CM_STEPS, n)  # tuned τ
         rows += [{**row, "sampler": f"{run.upper()} {row['sampler']}"} for row in run_rows]
     base = next(r for r in rows if r["sampler"] == "teacher heun" and r["nfe"] == 35)
     result["cost"] = cost_curves(out, cm_runs, scorer, base[scorer.primary], n)

@@ -17,6 +17,7 @@ import torch
 from cmkit.batch import Batch
 from cmkit.jvp import jvp
 from cmkit.param import batch_column
+from cmkit.process import FlowProcess
 from cmkit.rng import device_rng_state, set_device_rng_state
 
 # MeanFlow's CIFAR-10 settings (its UNet runs; ImageNet's DiTs use (−0.4, 1.0), 25%, p = 1)
@@ -26,11 +27,7 @@ MEANFLOW_POWER = 0.75  # p of the adaptive weight
 MEANFLOW_C = 1e-3
 SHORTCUT_FRACTION = 0.25  # share of the batch on self-consistency (the paper's quarter)
 SHORTCUT_MAX_STEPS = 128  # M: the smallest jump is 1/M
-
-
-def flow_path(x0: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    tc = batch_column(t, x0)
-    return (1 - tc) * x0 + tc * z
+FLOW = FlowProcess()  # the path both train on; only its perturb is used
 
 
 def logit_normal_pairs(
@@ -73,7 +70,7 @@ class MeanFlowLoss:
         )
         t, r = pairs.to(x0).unbind(1)
         z = batch.randn(x0.shape[1:], generator).to(x0)
-        return t, t - r, flow_path(x0, t, z), z - x0
+        return t, t - r, FLOW.perturb(x0, t, z), z - x0
 
     def target(self, target, batch: Batch, t, h, x_t, v) -> torch.Tensor:
         """u_tgt from one JVP of the target network (the online weights under no-grad)."""
@@ -119,7 +116,7 @@ class ShortcutLoss:
         bootstrap = u[:, 0] < self.fraction
         t = torch.where(bootstrap, t_grid, u[:, 2])
         h = torch.where(bootstrap, h, torch.zeros_like(h))
-        return t, h, flow_path(x0, t, z), z - x0, bootstrap
+        return t, h, FLOW.perturb(x0, t, z), z - x0, bootstrap
 
     @torch.no_grad()
     def bootstrap(self, target, x_t, t, h, cond) -> torch.Tensor:
