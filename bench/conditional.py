@@ -30,13 +30,14 @@ from benchmarks_md import write_section
 from recipe_runs import run_stages
 
 from cmkit import recipes
-from cmkit.data import run_splits, to_unit
+from cmkit.data import run_splits
 from cmkit.evaluate import make_scorer
 from cmkit.features import accuracy, load_digitsnet, load_mnistnet
 from cmkit.generate import conditioning, generate, load_model
 from cmkit.labels import run_labels
 from cmkit.plots import save_image_grid
 from cmkit.process import EDMProcess
+from cmkit.units import to_unit
 
 ROOT = Path(__file__).resolve().parent.parent
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"

@@ -34,13 +34,14 @@ from recipe_runs import run_stages
 
 from cmkit import recipes
 from cmkit.autoencoder import load_autoencoder, reconstruct
-from cmkit.data import run_splits, to_unit
+from cmkit.data import run_splits
 from cmkit.features import accuracy
 from cmkit.generate import Model, conditioning, generate, load_model
 from cmkit.labels import run_labels
 from cmkit.networks.zoo import build_for_data, default_network
 from cmkit.process import EDMProcess
 from cmkit.train_autoencoder import AutoencoderOptions, train_autoencoder
+from cmkit.units import to_unit
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = (1, 2, 4)

@@ -15,11 +15,12 @@ import torch
 
 from cmkit.batch import Batch
 from cmkit.config import DataSection, RunConfig, TrainingSection
-from cmkit.data import Scaler, load_data
+from cmkit.data import load_data
 from cmkit.networks.zoo import build_network, default_network
 from cmkit.process import EDMProcess
 from cmkit.runs import save_checkpoint
 from cmkit.train import TrainState, train
+from cmkit.units import Scaler
 
 
 def make_state(spec: dict, seed: int = 0) -> TrainState:

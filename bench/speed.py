@@ -19,13 +19,13 @@ import torch
 from benchmarks_md import write_section
 
 from cmkit.config import DataSection, RunConfig, TrainingSection
-from cmkit.data import Scaler
 from cmkit.generate import Model, generate, load_model
 from cmkit.networks.zoo import default_network
 from cmkit.param import consistency_scalings
 from cmkit.process import EDMProcess
 from cmkit.runs import build_network
 from cmkit.sampling import sample_ode, sample_onestep
+from cmkit.units import Scaler
 
 
 def default_model(backbone: str) -> Model:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmkit.batch import Batch
-from cmkit.data import Scaler
 from cmkit.errors import UserError
 from cmkit.runs import read_json, read_tensors
+from cmkit.units import Scaler
 
 CONFIG = "autoencoder.json"  # written last: a folder holding it is a finished autoencoder
 WEIGHTS = "autoencoder.safetensors"

@@ -17,10 +17,10 @@ the final N; it is upgraded on read, and what cannot be upgraded is refused in o
 
 from dataclasses import asdict, dataclass, field
 
-from cmkit.data import Scaler
 from cmkit.errors import UserError
 from cmkit.noise import CTCurriculum, ICTCurriculum
 from cmkit.process import Process, process_from_dict
+from cmkit.units import Scaler
 
 FORMAT = 2
 KINDS = ("teacher", "consistency", "flowmap")

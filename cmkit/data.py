@@ -1,28 +1,25 @@
-"""Data: load a spec, validate it, hold some out, and map it to model units and back.
+"""Data: resolve a spec (a built-in, an array file, an IDX file, an image folder) to raw
+data in the user's units, validate it, and hold some out.
 
-This is the only module that knows the user's units. Everything downstream sees model units:
-images in [-1, 1], vectors with per-dimension mean 0 and std σ_data. Nothing is downloaded:
-built-ins are scikit-learn's bundled digits or generated from a fixed seed.
+Its Scaler to model units lives in cmkit.units, the decoding of image files in
+cmkit.image_files. Nothing is downloaded: built-ins are scikit-learn's bundled digits or
+generated from a fixed seed.
 """
 
 import gzip
 import sys
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from sklearn.datasets import load_digits, make_moons, make_swiss_roll
 
 from cmkit.errors import UserError
-from cmkit.noise import SIGMA_DATA
+from cmkit.image_files import load_image_folder
 
 TOY_SAMPLES = 20000
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes: magic 0x00000803 for (N, H, W) images
-GRAY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "F")
 NPZ_DATA_KEYS = ("x_train", "x", "images", "data")  # an .npz's data array, first match
 CHANNELS = (1, 3, 4)  # gray, RGB, RGBA: what a channel axis of saved images holds
 
@@ -122,7 +119,7 @@ def load_data(spec: str, key: str | None = None, layout: str | None = None) -> n
     if spec in _TOYS:
         return toy(spec)[0].astype(np.float32)
     if path.is_dir():
-        return validate(_load_image_folder(path), spec)
+        return validate(load_image_folder(path), spec)
     if path.is_file() and is_idx(path):
         return validate(_load_idx_images(path), spec)
     builtins = ", ".join(("digits", "tinted-digits", *BUILTIN_TOYS))
@@ -306,78 +303,6 @@ def _notice_channels_last(shape: tuple[int, ...], source: str) -> None:
     )
 
 
-def image_folder_files(folder: Path) -> tuple[list[Path], list[int], list[str]]:
-    """(files, class index of each, class names) of an image folder, in the order read.
-
-    Images directly in the folder are one unnamed class; a folder holding none but with
-    subfolders of images (torchvision's ImageFolder layout) has one class per subfolder,
-    names sorted, files sorted by name within each.
-    """
-    try:
-        files = _images_in(folder)
-        classes = [] if files else sorted(d for d in folder.iterdir() if d.is_dir())
-        per_class = [_images_in(d) for d in classes]
-    except OSError as e:
-        raise UserError(f"cannot list folder {folder}: {e.strerror}") from None
-    if files:
-        return files, [0] * len(files), []
-    kept = [(d.name, f) for d, f in zip(classes, per_class, strict=True) if f]
-    if not kept:
-        raise UserError(
-            f"folder {folder} has no images; expected .png, .jpg or .jpeg files, directly "
-            "or in one subfolder per class"
-        )
-    names = [name for name, _ in kept]
-    return (
-        [p for _, f in kept for p in f],
-        [i for i, (_, f) in enumerate(kept) for _ in f],
-        names,
-    )
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _load_image_folder(folder: Path) -> np.ndarray:
-    """All images of the folder (see image_folder_files): (N, 1, H, W) if all are grayscale,
-    else RGB."""
-    files, _, _ = image_folder_files(folder)
-    images = [_open_image(p) for p in files]
-    for path, image in zip(files, images, strict=True):
-        if image.size != images[0].size:
-            w, h = image.size
-            raise UserError(
-                f"image {path} is {w}x{h} pixels; expected {images[0].size[0]}x"
-                f"{images[0].size[1]} like {files[0].name} (all images must have one size)"
-            )
-    gray = all(image.mode in GRAY_MODES for image in images)
-    return np.stack([_image_array(image, gray) for image in images])
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """One image file as (1, C, H, W) float32 in 0..255: C = 1 for grayscale files, else 3."""
-    image = _open_image(Path(path))
-    return _image_array(image, image.mode in GRAY_MODES)[None]
-
-
-def _image_array(image: Image.Image, gray: bool) -> np.ndarray:
-    """(1, H, W) luminance or (3, H, W) RGB, float32 in 0..255."""
-    if gray:
-        return np.asarray(image.convert("L"), dtype=np.float32)[None]
-    return np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
-
-
-def _open_image(path: Path) -> Image.Image:
-    """The decoded image, or a UserError naming the file PIL cannot read."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except Exception as e:  # PIL's decoders raise many types on corrupt or hostile files
-        raise UserError(f"cannot read image {path}; expected a valid .png or .jpg file") from e
-
-
 def _check_kind(x: np.ndarray, source: str) -> None:
     """Numeric, (N, D) or (N, C, H, W), non-empty: what the header of an array can tell."""
     if x.dtype.kind not in "biuf":
@@ -434,87 +359,6 @@ def split_holdout(x: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.nda
 def run_splits(section) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) split of a run's data, from its config's data section."""
     return split_holdout(load_data(section.spec, section.key, section.layout), section.holdout)
-
-
-@dataclass(frozen=True)
-class Scaler:
-    """Affine map between the user's units and model units: model = (raw - shift) / scale.
-
-    shift and scale hold one value per feature for (N, D) vectors, or a single value for images.
-    """
-
-    shift: tuple[float, ...]
-    scale: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.shift) != len(self.scale) or not self.shift:
-            raise UserError(
-                f"scaler has {len(self.shift)} shifts and {len(self.scale)} scales; "
-                "expected the same non-zero number of each"
-            )
-        if not all(np.isfinite(self.shift)) or not all(
-            s > 0 and np.isfinite(s) for s in self.scale
-        ):
-            raise UserError(
-                f"scaler has shift {self.shift}, scale {self.scale}; "
-                "expected finite shifts and positive finite scales"
-            )
-
-    @classmethod
-    def fit(cls, x: np.ndarray, sigma_data: float = SIGMA_DATA) -> "Scaler":
-        """Images (N, C, H, W): global min/max -> [-1, 1]. Vectors (N, D): mean 0, std σ_data."""
-        if not sigma_data > 0:
-            raise UserError(f"sigma_data must be positive, got {sigma_data}")
-        if x.ndim == 4:
-            lo, hi = float(x.min()), float(x.max())
-            half_range = (hi - lo) / 2
-            return cls(shift=((hi + lo) / 2,), scale=(half_range if half_range > 0 else 1.0,))
-        if x.ndim == 2:
-            mean = x.mean(axis=0, dtype=np.float64)
-            std = x.std(axis=0, dtype=np.float64)
-            scale = np.where(std > 0, std / sigma_data, 1.0)
-            return cls(shift=tuple(map(float, mean)), scale=tuple(map(float, scale)))
-        raise UserError(f"cannot fit a scaler to shape {x.shape}; expected (N, D) or (N, C, H, W)")
-
-    def to_model(self, raw: np.ndarray) -> np.ndarray:
-        """(N, ...) raw values -> float32 model units."""
-        shift, scale = self._params(raw)
-        return ((raw.astype(np.float64) - shift) / scale).astype(np.float32)
-
-    def to_raw(self, model: np.ndarray) -> np.ndarray:
-        """(N, ...) model units -> float32 values in the user's units."""
-        shift, scale = self._params(model)
-        return (model.astype(np.float64) * scale + shift).astype(np.float32)
-
-    def _params(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """shift and scale shaped to broadcast against x, checking the feature count matches."""
-        if len(self.shift) > 1 and (x.ndim != 2 or x.shape[1] != len(self.shift)):
-            raise UserError(
-                f"array of shape {x.shape} does not fit a scaler for {len(self.shift)} "
-                f"features; expected shape (N, {len(self.shift)})"
-            )
-        return np.asarray(self.shift), np.asarray(self.scale)
-
-    def to_dict(self) -> dict:
-        """JSON-friendly form; from_dict(to_dict()) gives an equal Scaler."""
-        return {"shift": list(self.shift), "scale": list(self.scale)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Scaler":
-        """Inverse of to_dict, e.g. after a JSON round trip."""
-        try:
-            shift, scale = tuple(map(float, d["shift"])), tuple(map(float, d["scale"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(
-                f"scaler record {d!r} is malformed; expected lists of numbers under 'shift' "
-                "and 'scale'"
-            ) from e
-        return cls(shift=shift, scale=scale)
-
-
-def to_unit(x):
-    """Images in model units [−1, 1] -> [0, 1], what PNG writers and feature extractors read."""
-    return (x + 1) / 2
 
 
 def describe(x: np.ndarray) -> str:

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from cmkit.config import DataSection, NetworkSpec, RunConfig, TrainingSection
-from cmkit.data import Scaler
 from cmkit.errors import OptionError, UserError
 from cmkit.generate import Model, cm_times
 from cmkit.networks.diffusers_unet import require_diffusers
@@ -25,6 +24,7 @@ from cmkit.networks.zoo import build_network
 from cmkit.process import EDMProcess
 from cmkit.runs import load_config, load_network, read_json, save_config, save_json, save_tensors
 from cmkit.sampling import check_times
+from cmkit.units import Scaler
 
 SIDECAR = "cmkit.json"
 PIXEL_SCALER = Scaler(shift=(127.5,), scale=(127.5,))  # 0..255 <-> [−1, 1]

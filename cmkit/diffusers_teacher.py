@@ -21,9 +21,9 @@ from cmkit.networks.diffusers_vp import PREDICTION_TYPES, SCHEDULE_KEYS, vp_log_
 from cmkit.networks.zoo import build_network
 from cmkit.noise import SIGMA_DATA
 from cmkit.process import EDMProcess
-from cmkit.recipes.common import load_training_data
 from cmkit.runs import read_json, save_config, save_tensors
 from cmkit.solvers import DEFAULT_GRID_POINTS, DEFAULT_SOLVER
+from cmkit.training_data import load_training_data
 
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")
 

@@ -15,13 +15,15 @@ from PIL import Image
 
 from cmkit import editing
 from cmkit.batch import NO_COND, Cond
-from cmkit.data import IMAGE_SUFFIXES, load_data, load_image, read_array, to_unit
+from cmkit.data import load_data, read_array
 from cmkit.editing import MASKS, TASKS
 from cmkit.errors import OptionError, UserError
 from cmkit.flowmap import check_jumps
 from cmkit.generate import Model, cm_times
+from cmkit.image_files import IMAGE_SUFFIXES, load_image
 from cmkit.plots import image_grid, save_image_grid
 from cmkit.sampling import clip_denoised, sample_onestep
+from cmkit.units import to_unit
 
 # Network evaluations when neither --steps nor --times is given (see BENCHMARKS.md, editing).
 DEFAULT_STEPS = {"inpaint": 4, "colorize": 4, "superres": 4, "sdedit": 2}

@@ -38,6 +38,7 @@ from cmkit.metrics import (
 )
 from cmkit.sampling import check_times
 from cmkit.solvers import nfe as count_nfe
+from cmkit.units import Scaler, to_unit
 
 MMD_POINTS = 2000  # MMD and precision/recall cost O(n²) memory: score on this many per side
 REFERENCE_POINTS = 5000  # a larger reference set is subsampled (seeded) to this size
@@ -58,7 +59,7 @@ class Scorer:
     """Metrics of samples (user's units) against a fixed reference set."""
 
     reference: np.ndarray  # (m, ...) in the user's units
-    scaler: datalib.Scaler  # maps images to model units [-1, 1], hence to [0, 1] features
+    scaler: Scaler  # maps images to model units [-1, 1], hence to [0, 1] features
     extractor: nn.Module | None = None  # images only
     fd_inf: bool = False  # images: add FD∞, the Fréchet distance extrapolated to N → ∞
 
@@ -113,7 +114,7 @@ class Scorer:
 
     def _unit(self, images: np.ndarray) -> np.ndarray:
         """Images in the user's units on the [0, 1] scale extractors read, unclipped."""
-        return datalib.to_unit(self.scaler.to_model(images))
+        return to_unit(self.scaler.to_model(images))
 
     def _features(self, images: np.ndarray) -> torch.Tensor:
         """Features of images in the user's units, which the extractor reads in [0, 1]."""

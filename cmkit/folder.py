@@ -1,6 +1,6 @@
 """Training images that stay on disk: an image folder decoded a batch at a time (--workers).
 
-The folder's files are listed (cmkit.data.image_folder_files), the held-out split is by
+The folder's files are listed (cmkit.image_files.image_folder_files), the held-out split is by
 index as in memory, and the scaler is fitted on a seeded sample of at most SAMPLE_BYTES of
 training images (cmkit.mapped), which also decides whether the images are read as gray
 (all of the sample is) or RGB. Each image is decoded as the in-memory path decodes it and
@@ -35,16 +35,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from cmkit.batch import Batch, Shard
-from cmkit.data import (
-    GRAY_MODES,
-    Scaler,
-    _image_array,
-    _open_image,
-    holdout_index,
-    image_folder_files,
-)
+from cmkit.data import holdout_index
 from cmkit.errors import UserError
+from cmkit.image_files import GRAY_MODES, image_array, image_folder_files, open_image
 from cmkit.mapped import sample_rows
+from cmkit.units import Scaler
 
 PREFETCH = 4  # batches decoded ahead per worker
 
@@ -70,13 +65,13 @@ class Decoder:
 
     def decode(self, i: int) -> np.ndarray:
         path = self.files[i]
-        image = _open_image(path)
+        image = open_image(path)
         if image.size != self.size:
             raise UserError(
                 f"image {path} is {image.size[0]}x{image.size[1]} pixels; expected "
                 f"{self.size[0]}x{self.size[1]} (all images must have one size)"
             )
-        return self.scaler.to_model(_image_array(image, self.gray)[None])[0]
+        return self.scaler.to_model(image_array(image, self.gray)[None])[0]
 
 
 def collate(items: list[torch.Tensor | str]) -> torch.Tensor | str:
@@ -183,9 +178,9 @@ def training_files(folder: str, holdout: float) -> tuple[tuple[Path, ...], np.nd
 def fit_folder(files: tuple[Path, ...], train: np.ndarray, sigma_data: float) -> Decoder:
     """The decoder of the training split `train` of a folder's `files` (training_files), with
     its scaler fitted on a sample of its images."""
-    size = _open_image(files[0]).size
+    size = open_image(files[0]).size
     sample = sample_rows(train, 4 * 3 * size[0] * size[1])
-    images = [_open_image(files[i]) for i in sample]
+    images = [open_image(files[i]) for i in sample]
     for i, image in zip(sample, images, strict=True):
         if image.size != size:
             w, h = image.size
@@ -194,7 +189,7 @@ def fit_folder(files: tuple[Path, ...], train: np.ndarray, sigma_data: float) ->
                 f"{files[0].name} (all images must have one size)"
             )
     gray = all(image.mode in GRAY_MODES for image in images)
-    scaler = Scaler.fit(np.stack([_image_array(image, gray) for image in images]), sigma_data)
+    scaler = Scaler.fit(np.stack([image_array(image, gray) for image in images]), sigma_data)
     return Decoder(tuple(files[i] for i in train), gray, size, scaler)
 
 

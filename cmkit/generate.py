@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 
 from cmkit.batch import NO_COND, Cond, cond_rows
 from cmkit.config import RunConfig
-from cmkit.data import Scaler
 from cmkit.errors import OptionError
 from cmkit.flowmap import FlowMap, check_jumps, jump_grid, sample_jumps
 from cmkit.guidance import GuidedDenoiser
@@ -28,6 +27,7 @@ from cmkit.sampling import (
     sample_tcd,
 )
 from cmkit.solvers import DEFAULT_GRID_POINTS, DEFAULT_SOLVER
+from cmkit.units import Scaler
 
 
 @dataclass

@@ -15,16 +15,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
-from cmkit.data import (
-    BUILTIN_TOYS,
-    image_folder_files,
-    is_idx,
-    read_array,
-    read_idx,
-    split_holdout,
-    toy,
-)
+from cmkit.data import BUILTIN_TOYS, is_idx, read_array, read_idx, split_holdout, toy
 from cmkit.errors import UserError
+from cmkit.image_files import image_folder_files
 
 LABEL_KEYS = ("y_train", "y", "labels", "targets")  # an .npz's label array, first match
 NAME_KEYS = ("classes", "class_names")  # an .npz's class names, when it has one per class

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from cmkit.batch import Batch, Shard
-from cmkit.data import Scaler, as_float32, holdout_index, map_npy, validate
+from cmkit.data import as_float32, holdout_index, map_npy, validate
 from cmkit.errors import UserError
+from cmkit.units import Scaler
 
 SAMPLE_BYTES = 64 * 2**20  # the scaler's sample, as float32
 

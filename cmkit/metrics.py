@@ -192,7 +192,7 @@ class PixelStats:
 
 
 def pixel_range_stats(images_unit: np.ndarray) -> PixelStats:
-    """What a person sees in images (N, C, H, W) on the unit scale (cmkit.data.to_unit of model
+    """What a person sees in images (N, C, H, W) on the unit scale (cmkit.units.to_unit of model
     units, before any clipping): the share of pixels within 1/32 of 0, the background (on the
     digits' 0..16 scale: within 0.5 of 0; real digits ≈ 0.49), and the share outside [0, 1]."""
     u = np.asarray(images_unit, dtype=np.float64)

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 from cmkit import recipes
-from cmkit.data import load_data, run_splits, to_unit
+from cmkit.data import load_data, run_splits
 from cmkit.errors import OptionError
 from cmkit.generate import generate, load_model
 from cmkit.metrics import energy_distance
 from cmkit.plots import image_grid, save_panels
 from cmkit.runs import load_config
+from cmkit.units import to_unit
 
 DATA = "digits"
 TEACHER = ("teacher Heun", "teacher", {"steps": 18, "solver": "heun"}, 35)

@@ -45,6 +45,7 @@ from cmkit.runs import (
     save_tensors,
 )
 from cmkit.train import TrainState, train
+from cmkit.units import Scaler, to_unit
 
 # β of latent diffusion's KL-f4/f8 autoencoders (Rombach et al. 2022): the KL only stops the
 # latents' scale from drifting; any more costs reconstruction the diffusion model cannot undo
@@ -125,7 +126,7 @@ def train_autoencoder(spec: str, opts: AutoencoderOptions) -> Path:
     check(opts)
     out = Path(opts.out)
     train_x, held_x = image_splits(spec, opts)
-    scaler = datalib.Scaler.fit(train_x)
+    scaler = Scaler.fit(train_x)
     config = _config(spec, opts, tuple(train_x.shape[1:]), scaler)
     torch.manual_seed(opts.seed)
     state = _start(out, config, build(config.architecture), opts)
@@ -151,7 +152,7 @@ def train_autoencoder(spec: str, opts: AutoencoderOptions) -> Path:
 
 
 def _config(
-    spec: str, opts: AutoencoderOptions, image_shape: tuple[int, int, int], scaler: datalib.Scaler
+    spec: str, opts: AutoencoderOptions, image_shape: tuple[int, int, int], scaler: Scaler
 ) -> AutoencoderConfig:
     path = Path(spec)
     data = {
@@ -230,7 +231,7 @@ def _write_outputs(
     save_json(out / "metrics.json", metrics)
     shown = torch.cat([x[:PNG_IMAGES], x_hat[:PNG_IMAGES]]).cpu().numpy()
     tmp = out / "reconstructions.tmp.png"  # PIL picks the format by the name's suffix
-    save_image_grid(datalib.to_unit(shown), tmp, nrow=len(x[:PNG_IMAGES]))
+    save_image_grid(to_unit(shown), tmp, nrow=len(x[:PNG_IMAGES]))
     os.replace(tmp, out / "reconstructions.png")
     save_json(out / CONFIG, config.to_dict())
     print(

@@ -8,7 +8,6 @@ from torch import nn
 
 from cmkit.batch import Batch
 from cmkit.config import DataSection, NetworkSpec, RunConfig, TrainingSection
-from cmkit.data import Scaler
 from cmkit.edit_tasks import EditOptions, run_task
 from cmkit.editing import TASKS
 from cmkit.generate import Model, generate
@@ -17,6 +16,7 @@ from cmkit.noise import FixedScales
 from cmkit.process import EDMProcess, FlowProcess
 from cmkit.sampling import sample_multistep, sample_ode, sample_onestep
 from cmkit.train import TrainState, train
+from cmkit.units import Scaler
 
 
 class Recorder(nn.Module):

@@ -10,18 +10,11 @@ import pytest
 from conftest import TINY, run_cli
 from PIL import Image
 
-from cmkit.data import (
-    BUILTIN_TOYS,
-    Scaler,
-    describe,
-    load_data,
-    load_image,
-    read_idx,
-    run_splits,
-    split_holdout,
-)
+from cmkit.data import BUILTIN_TOYS, describe, load_data, read_idx, run_splits, split_holdout
 from cmkit.errors import UserError
+from cmkit.image_files import load_image
 from cmkit.runs import load_config
+from cmkit.units import Scaler
 
 
 def test_digits_raw_units():

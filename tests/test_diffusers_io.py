@@ -8,9 +8,9 @@ import torch
 from conftest import run_cli
 
 from cmkit.config import RunConfig
-from cmkit.data import Scaler
 from cmkit.errors import UserError
 from cmkit.process import EDMProcess
+from cmkit.units import Scaler
 
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers not installed: pip install 'cmkit[diffusers]'"

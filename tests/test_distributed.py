@@ -27,10 +27,10 @@ from cmkit.guidance import LabelDropout, WithGuidance
 from cmkit.losses import EDMLoss
 from cmkit.networks.mlp import MLP
 from cmkit.process import EDMProcess, TrigFlowProcess
-from cmkit.recipes.common import load_training_data
 from cmkit.recipes.ict import ict_loss
 from cmkit.recipes.scm import scm_loss
 from cmkit.train import TrainState, train
+from cmkit.training_data import load_training_data
 
 NET = ["--network", '{"hidden": 16, "depth": 1}']
 RUN = ["train", "--data", "moons", *NET, "--steps", 200, "--batch-size", 16, "--no-progress"]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from cmkit.data import Scaler
 from cmkit.evaluate import MMD_POINTS, Scorer, _golden_min, plans, reference_splits
 from cmkit.features import make_extractor
 from cmkit.generate import load_model
+from cmkit.units import Scaler
 
 
 @pytest.fixture(scope="module")

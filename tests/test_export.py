@@ -18,11 +18,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cmkit.config import DataSection, NetworkSpec, RunConfig, SamplingSection, TrainingSection
-from cmkit.data import Scaler
 from cmkit.export import BATCH, Sampler, TensorSpec, exported_program
 from cmkit.generate import Model, generate
 from cmkit.networks.mlp import MLP
 from cmkit.process import EDMProcess, FlowProcess, TrigFlowProcess
+from cmkit.units import Scaler
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 NO_ONNX = "onnx, onnxscript or onnxruntime not installed: pip install 'cmkit[export]'"

@@ -17,7 +17,7 @@ from test_resume import _start, _wait_for_checkpoint, assert_identical, trained
 from cmkit.batch import Shard
 from cmkit.errors import OptionError, UserError
 from cmkit.folder import FolderRows, step_rows
-from cmkit.recipes.common import load_training_data
+from cmkit.training_data import load_training_data
 
 NET = ["--network", '{"channels": 8}']
 RUN = ["train-teacher", *NET, "--batch-size", 8, "--no-progress", "--checkpoint-every", 3]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cmkit.batch import Batch
-from cmkit.data import Scaler, load_data
+from cmkit.data import load_data
 from cmkit.losses import (
     ConsistencyLoss,
     EDMLoss,
@@ -32,6 +32,7 @@ from cmkit.process import EDMProcess, FlowProcess
 from cmkit.sampling import sample_onestep
 from cmkit.solvers import euler_step
 from cmkit.train import TrainState, train
+from cmkit.units import Scaler
 
 S = 0.5  # std of the Gaussian test data
 EPS = 0.002

@@ -10,9 +10,10 @@ import torch
 from conftest import run_cli
 
 from cmkit import mapped
-from cmkit.data import Scaler, load_data, split_holdout
+from cmkit.data import load_data, split_holdout
 from cmkit.errors import UserError
-from cmkit.recipes.common import load_training_data
+from cmkit.training_data import load_training_data
+from cmkit.units import Scaler
 
 
 def _in_memory_rows(path, scaler: Scaler) -> torch.Tensor:

@@ -14,10 +14,10 @@ from cmkit.errors import OptionError
 from cmkit.losses import GridPairs, LognormalIndices, inverse_gap_weight, unit_weight
 from cmkit.noise import CTCurriculum, ICTCurriculum
 from cmkit.process import EDMProcess, FlowProcess
-from cmkit.recipes.common import load_training_data
 from cmkit.recipes.ct import ct_loss
 from cmkit.recipes.ict import ict_loss
 from cmkit.runs import load_config
+from cmkit.training_data import load_training_data
 
 
 def test_each_recipe_has_its_own_defaults():

@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 
 from cmkit.cli.options import add_device, check_device, floats, ints, require
-from cmkit.data import run_splits, to_unit
+from cmkit.data import run_splits
 from cmkit.errors import UserError
 from cmkit.runs import save_json
 from cmkit.solvers import SOLVERS
+from cmkit.units import to_unit
 
 
 def add_sample(sub) -> None:

@@ -26,13 +26,13 @@ from cmkit.recipes.common import (
     fit,
     guided_teacher,
     load_teacher_weights,
-    run_data,
     start,
     training_section,
 )
 from cmkit.runs import load_network
 from cmkit.solvers import SOLVERS
 from cmkit.train import check_grad_clip
+from cmkit.training_data import run_data
 
 SPACINGS = ("process", "timesteps")
 

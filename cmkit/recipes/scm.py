@@ -36,12 +36,12 @@ from cmkit.recipes.common import (
     from_data,
     guided_teacher,
     load_teacher_weights,
-    run_data,
     start,
     training_section,
 )
 from cmkit.runs import load_network
 from cmkit.train import check_grad_clip
+from cmkit.training_data import run_data
 
 VELOCITY_RANGE = (1e-4, 1e4)  # σ where any teacher is asked for its velocity
 
