@@ -7,7 +7,7 @@ a time (cmkit.mapped), an image folder decoded lazily (cmkit.folder), or the lat
 autoencoder (cmkit.latent).
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,19 @@ from cmkit.folder import FolderRows, fit_folder, folder_rows, training_files
 from cmkit.labels import Labels, load_labels, run_labels
 from cmkit.mapped import map_training_rows, mapped_rows
 from cmkit.units import Scaler
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What load_training_data was asked to read, handed whole to the reader of each kind."""
+
+    spec: str
+    holdout: float
+    sigma_data: float
+    key: str | None
+    layout: str | None
+    labels: bool
+    label_key: str | None
 
 
 def load_training_data(
@@ -43,9 +56,10 @@ def load_training_data(
     if label_key is not None and not labels:
         raise OptionError("label_key", f"{label_key!r} names the labels of --labels; add --labels")
     check_workers(spec, workers, autoencoder is not None)
+    read = _Read(spec, holdout, sigma_data, key, layout, labels, label_key)
     if workers:
-        return _lazy_folder(spec, holdout, sigma_data, key, layout, labels, label_key, workers)
-    data, section = _training_pixels(spec, holdout, sigma_data, key, layout, labels, label_key)
+        return _lazy_folder(read, workers)
+    data, section = _training_pixels(read)
     if autoencoder is None:
         return data, section
     latents, entry = latentlib.fit(autoencoder, data, section.shape, sigma_data)
@@ -64,57 +78,41 @@ def check_workers(spec: str, workers: int, latent: bool) -> None:
         raise OptionError("workers", f"applies to image folders; {spec} is not one")
 
 
-def _lazy_folder(
-    spec: str,
-    holdout: float,
-    sigma_data: float,
-    key: str | None,
-    layout: str | None,
-    labels: bool,
-    label_key: str | None,
-    workers: int,
-) -> tuple[Samples, DataSection]:
+def _lazy_folder(read: _Read, workers: int) -> tuple[Samples, DataSection]:
     """An image folder's training split decoded lazily, and its (lazy) section; the options
     of arrays are refused as an in-memory folder refuses them."""
-    datalib.check_array_options(spec, key, layout, False, False)
-    spec = str(Path(spec).expanduser().resolve())
-    files, train = training_files(spec, holdout)
-    decoder = fit_folder(files, train, sigma_data)
-    found = load_labels(spec, len(files), label_key) if labels else None
+    datalib.check_array_options(read.spec, read.key, read.layout, False, False)
+    spec = str(Path(read.spec).expanduser().resolve())
+    files, train = training_files(spec, read.holdout)
+    decoder = fit_folder(files, train, read.sigma_data)
+    found = load_labels(spec, len(files), read.label_key) if read.labels else None
     classes = None if found is None else found.classes
     shape = (1 if decoder.gray else 3, decoder.size[1], decoder.size[0])
-    section = DataSection(spec, holdout, shape, decoder.scaler, classes=classes, lazy=True)
+    section = DataSection(spec, read.holdout, shape, decoder.scaler, classes=classes, lazy=True)
     y = None if found is None else found.y[train]
     return FolderRows(decoder, y, workers), section
 
 
-def _training_pixels(
-    spec: str,
-    holdout: float,
-    sigma_data: float,
-    key: str | None,
-    layout: str | None,
-    labels: bool,
-    label_key: str | None,
-) -> tuple[Samples, DataSection]:
+def _training_pixels(read: _Read) -> tuple[Samples, DataSection]:
     """load_training_data of the data itself: the samples in model units and their section."""
-    path = Path(spec)
-    spec = str(path.resolve()) if path.exists() else spec
+    path = Path(read.spec)
+    spec = str(path.resolve()) if path.exists() else read.spec
+    key, layout, label_key = read.key, read.layout, read.label_key
 
     def section(x, scaler: Scaler, found: Labels | None) -> DataSection:
         classes = None if found is None else found.classes
         shape = tuple(x.shape[1:])
-        return DataSection(spec, holdout, shape, scaler, key, layout, classes, label_key)
+        return DataSection(spec, read.holdout, shape, scaler, key, layout, classes, label_key)
 
     def labels_of(x) -> Labels | None:
-        return load_labels(spec, len(x), label_key) if labels else None
+        return load_labels(spec, len(x), label_key) if read.labels else None
 
     if datalib.is_npy(spec):  # its rows stay on disk, read a batch at a time
-        rows = map_training_rows(spec, holdout, sigma_data, layout)
+        rows = map_training_rows(spec, read.holdout, read.sigma_data, layout)
         return rows, section(rows.file, rows.scaler, labels_of(rows.file))
     x = datalib.load_data(spec, key, layout)
     found = labels_of(x)
-    scaler = Scaler.fit(datalib.split_holdout(x, holdout)[0], sigma_data)
+    scaler = Scaler.fit(datalib.split_holdout(x, read.holdout)[0], read.sigma_data)
     data = section(x, scaler, found)
     return run_data(data, x, None if found is None else found.y), data
 

@@ -11,11 +11,12 @@ from cmkit.config import DataSection, NetworkSpec, RunConfig, TrainingSection
 from cmkit.edit_tasks import EditOptions, run_task
 from cmkit.editing import TASKS
 from cmkit.generate import Model, generate
-from cmkit.losses import ConsistencyLoss, GridPairs, TeacherStep, UnbiasedEstimate, l2_distance
+from cmkit.losses import ConsistencyLoss, TeacherStep, UnbiasedEstimate, l2_distance
 from cmkit.noise import FixedScales
 from cmkit.process import EDMProcess, FlowProcess
 from cmkit.sampling import sample_multistep, sample_ode, sample_onestep
 from cmkit.train import TrainState, train
+from cmkit.training_times import GridPairs
 from cmkit.units import Scaler
 
 

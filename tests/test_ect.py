@@ -10,19 +10,12 @@ from safetensors.torch import load_file
 
 from cmkit import recipes
 from cmkit.batch import Batch
-from cmkit.losses import (
-    ConsistencyLoss,
-    ContinuousPairs,
-    KarrasTimes,
-    LognormalTimes,
-    UnbiasedEstimate,
-    inverse_gap_weight,
-    l2_distance,
-)
+from cmkit.losses import ConsistencyLoss, UnbiasedEstimate, inverse_gap_weight, l2_distance
 from cmkit.networks.mlp import MLP
 from cmkit.noise import ECT_MIN_RATIO, ECTSchedule
 from cmkit.process import EDMProcess
 from cmkit.recipes.common import VECTOR_DEFAULTS
+from cmkit.training_times import ContinuousPairs, KarrasTimes, LognormalTimes
 
 
 @pytest.mark.parametrize(

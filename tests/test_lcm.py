@@ -9,9 +9,9 @@ from conftest import TINY, run_cli
 
 from cmkit.batch import Batch
 from cmkit.errors import UserError
-from cmkit.losses import GridPairs
 from cmkit.noise import FixedScales, TimestepGrid, lcm_timesteps
 from cmkit.process import EDMProcess
+from cmkit.training_times import GridPairs
 
 
 def test_lcm_timesteps_are_diffusers_ddim_timesteps():

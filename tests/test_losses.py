@@ -13,8 +13,6 @@ from cmkit.data import load_data
 from cmkit.losses import (
     ConsistencyLoss,
     EDMLoss,
-    GridPairs,
-    LognormalIndices,
     TeacherStep,
     UnbiasedEstimate,
     inverse_gap_weight,
@@ -32,6 +30,7 @@ from cmkit.process import EDMProcess, FlowProcess
 from cmkit.sampling import sample_onestep
 from cmkit.solvers import euler_step
 from cmkit.train import TrainState, train
+from cmkit.training_times import GridPairs, LognormalIndices
 from cmkit.units import Scaler
 
 S = 0.5  # std of the Gaussian test data

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cmkit.errors import UserError
-from cmkit.losses import LognormalIndices, uniform_indices
 from cmkit.noise import (
     CTCurriculum,
     FixedScales,
@@ -16,6 +15,7 @@ from cmkit.noise import (
 )
 from cmkit.param import ConsistencyFunction, EDMDenoiser, FlowParam
 from cmkit.process import EDMProcess, FlowProcess, process_from_dict
+from cmkit.training_times import LognormalIndices, uniform_indices
 
 # ---------------------------------------------------------------- Karras grid
 

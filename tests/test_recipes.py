@@ -11,13 +11,14 @@ from cmkit import recipes
 from cmkit.batch import Batch
 from cmkit.data import run_splits
 from cmkit.errors import OptionError
-from cmkit.losses import GridPairs, LognormalIndices, inverse_gap_weight, unit_weight
+from cmkit.losses import inverse_gap_weight, unit_weight
 from cmkit.noise import CTCurriculum, ICTCurriculum
 from cmkit.process import EDMProcess, FlowProcess
 from cmkit.recipes.ct import ct_loss
 from cmkit.recipes.ict import ict_loss
 from cmkit.runs import load_config
 from cmkit.training_data import load_training_data
+from cmkit.training_times import GridPairs, LognormalIndices
 
 
 def test_each_recipe_has_its_own_defaults():

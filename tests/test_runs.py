@@ -11,14 +11,7 @@ from conftest import run_cli
 from cmkit.batch import Batch
 from cmkit.config import NetworkSpec, RunConfig
 from cmkit.errors import UserError
-from cmkit.losses import (
-    ConsistencyLoss,
-    GridPairs,
-    LognormalIndices,
-    UnbiasedEstimate,
-    inverse_gap_weight,
-    make_distance,
-)
+from cmkit.losses import ConsistencyLoss, UnbiasedEstimate, inverse_gap_weight, make_distance
 from cmkit.networks.mlp import MLP
 from cmkit.networks.zoo import build_network
 from cmkit.noise import ICTCurriculum
@@ -33,6 +26,7 @@ from cmkit.runs import (
     save_json,
 )
 from cmkit.train import TrainState, train
+from cmkit.training_times import GridPairs, LognormalIndices
 
 NET = {"type": "mlp", "kwargs": {"dim": 2, "hidden": 32, "depth": 1}}
 SPEC = NetworkSpec(**NET)

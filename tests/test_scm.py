@@ -15,10 +15,11 @@ from cmkit import recipes
 from cmkit.batch import Batch
 from cmkit.errors import OptionError
 from cmkit.jvp import jvp
-from cmkit.losses import AdaptiveWeight, SCMLoss, TrigFlowTimes, karras_ramp, normalised_tangent
+from cmkit.losses import AdaptiveWeight, SCMLoss, normalised_tangent
 from cmkit.networks.mlp import MLP
 from cmkit.noise import SIGMA_MAX, SIGMA_MIN
 from cmkit.process import EDMProcess, TrigFlowProcess
+from cmkit.training_times import TrigFlowTimes, karras_ramp
 
 SD = 0.5  # σ_d
 

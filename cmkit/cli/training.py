@@ -26,7 +26,7 @@ from cmkit.engine import PRECISIONS
 from cmkit.errors import OptionError
 from cmkit.jvp import JVP_METHODS
 from cmkit.lora import DEFAULT_RANK
-from cmkit.losses import DISTANCES, SCM_TIMES
+from cmkit.losses import DISTANCES
 from cmkit.networks.zoo import BACKBONES
 from cmkit.process import PROCESSES, EDMProcess, make_process
 from cmkit.recipes.cd import SPACINGS
@@ -37,6 +37,7 @@ from cmkit.recipes.lcm import LCM_MU
 from cmkit.recipes.teacher import P_UNCOND
 from cmkit.solvers import SOLVERS
 from cmkit.train import ON_NONFINITE
+from cmkit.training_times import SCM_TIMES
 
 DATA_HELP = (
     "digits | tinted-digits | moons | 8gaussians | checkerboard | swissroll | rings | "

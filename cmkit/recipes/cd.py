@@ -16,7 +16,7 @@ from torch import nn
 from cmkit import lora
 from cmkit.config import NetworkSpec, RunConfig, SamplingSection
 from cmkit.errors import OptionError
-from cmkit.losses import ConsistencyLoss, GridPairs, TeacherStep
+from cmkit.losses import ConsistencyLoss, TeacherStep
 from cmkit.networks.diffusers_vp import vp_log_sigmas
 from cmkit.networks.zoo import backbone_of, build_for_data, default_network
 from cmkit.noise import FixedScales, TimestepGrid
@@ -33,6 +33,7 @@ from cmkit.runs import load_network
 from cmkit.solvers import SOLVERS
 from cmkit.train import check_grad_clip
 from cmkit.training_data import run_data
+from cmkit.training_times import GridPairs
 
 SPACINGS = ("process", "timesteps")
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmkit.errors import OptionError
-from cmkit.losses import ConsistencyLoss, GridPairs, UnbiasedEstimate
+from cmkit.losses import ConsistencyLoss, UnbiasedEstimate
 from cmkit.noise import CTCurriculum
 from cmkit.process import Process
 from cmkit.recipes.common import (
@@ -15,6 +15,7 @@ from cmkit.recipes.common import (
     train_from_data,
 )
 from cmkit.train import check_grad_clip
+from cmkit.training_times import GridPairs
 
 MU_VARIANTS = ("paper", "openai")
 

@@ -26,15 +26,7 @@ import torch
 
 from cmkit.config import NetworkSpec, RunConfig, SamplingSection
 from cmkit.errors import OptionError
-from cmkit.losses import (
-    ConsistencyLoss,
-    ContinuousPairs,
-    KarrasTimes,
-    LognormalTimes,
-    UnbiasedEstimate,
-    edm_snr_weight,
-    inverse_gap_weight,
-)
+from cmkit.losses import ConsistencyLoss, UnbiasedEstimate, edm_snr_weight, inverse_gap_weight
 from cmkit.noise import ECT_P_MEAN, ECT_P_STD, MAX_SCALES, ECTSchedule
 from cmkit.process import Process
 from cmkit.recipes.common import (
@@ -48,6 +40,7 @@ from cmkit.recipes.common import (
 )
 from cmkit.runs import load_network
 from cmkit.train import check_grad_clip
+from cmkit.training_times import ContinuousPairs, KarrasTimes, LognormalTimes
 
 ECT_WEIGHTINGS = ("inverse-gap", "snr")
 ECT_DISTANCES = ("pseudo-huber", "l2")

@@ -11,15 +11,7 @@ from pathlib import Path
 import torch
 
 from cmkit.errors import OptionError, UserError
-from cmkit.losses import (
-    ConsistencyLoss,
-    GridPairs,
-    LognormalIndices,
-    UnbiasedEstimate,
-    inverse_gap_weight,
-    uniform_indices,
-    unit_weight,
-)
+from cmkit.losses import ConsistencyLoss, UnbiasedEstimate, inverse_gap_weight, unit_weight
 from cmkit.noise import ICT_P_MEAN, ICT_P_STD, ICTCurriculum, lognormal_index_probs
 from cmkit.process import Process
 from cmkit.recipes.common import (
@@ -29,6 +21,7 @@ from cmkit.recipes.common import (
     train_from_data,
 )
 from cmkit.train import check_grad_clip
+from cmkit.training_times import GridPairs, LognormalIndices, uniform_indices
 
 PAIRS = ("uniform", "lognormal")
 WEIGHTINGS = {"ict": inverse_gap_weight, "uniform": unit_weight}

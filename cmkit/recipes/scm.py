@@ -25,7 +25,7 @@ import torch
 from cmkit.config import RunConfig, SamplingSection
 from cmkit.errors import OptionError
 from cmkit.jvp import JVP_METHODS
-from cmkit.losses import SCM_TIMES, AdaptiveWeight, SCMLoss, TrigFlowTimes
+from cmkit.losses import AdaptiveWeight, SCMLoss
 from cmkit.networks.zoo import build_for_data
 from cmkit.noise import MAX_SCALES, SCM_P_MEAN, SCM_P_STD
 from cmkit.process import Process, TrigFlowProcess, trigflow_velocity
@@ -42,6 +42,7 @@ from cmkit.recipes.common import (
 from cmkit.runs import load_network
 from cmkit.train import check_grad_clip
 from cmkit.training_data import run_data
+from cmkit.training_times import SCM_TIMES, TrigFlowTimes
 
 VELOCITY_RANGE = (1e-4, 1e4)  # σ where any teacher is asked for its velocity
 
