@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from cmkit.cli.options import add_device, check_device, require
-from cmkit.cli.training import DATA_HELP
+from cmkit.cli.run_flags import DATA_HELP
 from cmkit.data import LAYOUTS
 
 

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from cmkit.cli.options import add_device, check_device, floats, require
-from cmkit.cli.training import add_data_flags
+from cmkit.cli.run_flags import add_data_flags
 from cmkit.editing import TASKS
 from cmkit.errors import UserError
 from cmkit.export import FORMATS, export_run, manifest_path
