@@ -25,8 +25,6 @@ DATA_HELP = (
     "digits | tinted-digits | moons | 8gaussians | checkerboard | swissroll | rings | "
     "FILE.npy | FILE.npz | image folder"
 )
-
-
 PROCESS_FLAGS = {  # option -> help; each process takes those among its own fields
     "sigma_min": "edm: ε = σ_min",
     "sigma_max": "edm: T = σ_max",
@@ -67,7 +65,7 @@ def add_run_flags(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--config", help="TOML or JSON file of options (same keys as the flags)")
     if data:
         add_data_flags(p, LABELS_HELP)
-        add_latent_flags(p)
+        _add_latent_flags(p)
         p.add_argument(
             "--workers",
             type=int,
@@ -140,7 +138,7 @@ def add_run_flags(p: argparse.ArgumentParser, data: bool = True) -> None:
     )
 
 
-def add_latent_flags(p: argparse.ArgumentParser) -> None:
+def _add_latent_flags(p: argparse.ArgumentParser) -> None:
     """--latent and --vae: train in an autoencoder's latent space (see cmkit.latent)."""
     p.add_argument(
         "--latent",
