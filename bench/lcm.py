@@ -50,9 +50,17 @@ TEACHER_POINTS = 18  # Heun: 35 evaluations
 SPEED_ROUNDS = 3
 
 
-def train(out: Path, data: str, ws: list[float], lora_w: float, rank: int, scale: float):
-    """Train (or reuse) the autoencoder, then the latent teacher and its students; the
-    autoencoder's folder and every run's training minutes."""
+def train(
+    out: Path,
+    data: str,
+    ws: list[float],
+    lora_w: float,
+    rank: int,
+    scale: float,
+    only: tuple[str, ...] = ("teacher", "lcm", "lcm-lora"),
+):
+    """Train (or reuse) the autoencoder, then the latent teacher and its students (the runs
+    in `only`); the autoencoder's folder and each run's training minutes."""
     ae = out / "autoencoder"
     if not (ae / "metrics.json").is_file():
         steps = max(1, round(AutoencoderOptions(out="").steps * scale))
@@ -66,6 +74,7 @@ def train(out: Path, data: str, ws: list[float], lora_w: float, rank: int, scale
         "lcm": ("cm_steps", lambda run: recipes.lcm_run(run, lcm)),
         "lcm-lora": ("cm_steps", lambda run: recipes.lcm_run(run, lora)),
     }
+    stages = {name: stage for name, stage in stages.items() if name in only}
     minutes = run_stages(out, data, stages, scale, labels=True, latent=str(ae))
     return ae, minutes
 

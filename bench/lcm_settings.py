@@ -25,13 +25,14 @@ from recipe_runs import run_stages
 
 from cmkit import recipes
 from cmkit.generate import conditioning, generate, load_model
+from cmkit.recipes.lcm import LCM_MU, LCM_SCALES
 
 WS = (0.0, 1.0, 2.0, 4.0)
 STEPS = (1, 4)
 SETTINGS = {  # run name -> (teacher step, N, μ); "lcm" is bench/lcm.py's run, LCM's own
-    "lcm": ("euler", 51, 0.95),
-    "lcm-heun51": ("heun", 51, 0.95),
-    "lcm-euler51-mu0": ("euler", 51, 0.0),
+    "lcm": ("euler", LCM_SCALES, LCM_MU),
+    "lcm-heun51": ("heun", LCM_SCALES, LCM_MU),
+    "lcm-euler51-mu0": ("euler", LCM_SCALES, 0.0),
     "lcm-euler18-mu0": ("euler", 18, 0.0),
     "lcm-heun18-mu0": ("heun", 18, 0.0),
 }
@@ -103,10 +104,9 @@ def main() -> None:
     data = str(MNIST) if args.data == "mnist" else args.data
     out = Path(args.runs) / args.data
     started = time.perf_counter()
-    train(out, data, list(WS), 2.0, 4, 1.0)  # bench/lcm.py's runs, its defaults
-    names = list(SETTINGS)
-    minutes = train_settings(out, data, names)
-    base, rows = score(out, names, args.n)
+    train(out, data, list(WS), 2.0, 4, 1.0, only=("teacher",))  # bench/lcm.py's teacher
+    minutes = train_settings(out, data, list(SETTINGS))
+    base, rows = score(out, list(SETTINGS), args.n)
     teacher = ", ".join(
         f"w = {w:g}: FD {m['FD']:.3g}, {100 * m['accuracy']:.1f}%" for w, m in base.items()
     )
